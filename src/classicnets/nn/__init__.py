@@ -1,0 +1,27 @@
+"""Layers of classicnets: batch normalization done right, and the building blocks around it."""
+
+from classicnets.nn import functional
+from classicnets.nn.batchnorm import (
+    BatchNorm,
+    BNFreeze,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    fold_bn,
+    freeze_bn,
+    is_batchnorm,
+    iter_bn_buffers,
+    recalibrate_bn,
+)
+
+__all__ = [
+    "BNFreeze",
+    "BatchNorm",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "fold_bn",
+    "freeze_bn",
+    "functional",
+    "is_batchnorm",
+    "iter_bn_buffers",
+    "recalibrate_bn",
+]
