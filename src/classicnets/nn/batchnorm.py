@@ -313,29 +313,40 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int | None 
         raise ValueError("recalibrate_bn: the model has no batch-norm layer with running stats")
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for _, m in layers}
+    saved = {m: [b.clone() for b in _stat_buffers(m)] for _, m in layers}
     count = 0
+    ok = False
     try:
         model.eval()
         for _, m in layers:
             m.reset_running_stats()
             m.momentum = None  # cumulative average: exactly the mean over batches
-            m.train()
+            m.training = True  # not m.train(): a layer under freeze_bn must be recalibrated too
         for batch in batches:
             if max_batches is not None and count >= max_batches:
                 break
             model(_first_input(batch))
             count += 1
+        if count == 0:
+            raise ValueError("recalibrate_bn: batches is empty, no statistics were computed")
+        missed = [n or "<model>" for n, m in layers if int(m.num_batches_tracked) == 0]
+        if missed:
+            raise ValueError(f"recalibrate_bn: these BN layers saw no data: {', '.join(missed)}")
+        ok = True
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
         for m, mode in modes.items():
             m.training = mode
-    if count == 0:
-        raise ValueError("recalibrate_bn: batches is empty, no statistics were computed")
-    missed = [n or "<model>" for n, m in layers if int(m.num_batches_tracked) == 0]
-    if missed:
-        raise ValueError(f"recalibrate_bn: these BN layers saw no data: {', '.join(missed)}")
+        if not ok:  # a failed recalibration leaves the previous statistics, not half of new ones
+            for m, buffers in saved.items():
+                for live, old in zip(_stat_buffers(m), buffers):
+                    live.copy_(old)
     return count
+
+
+def _stat_buffers(m: nn.Module) -> list[Tensor]:
+    return [m.running_mean, m.running_var, m.num_batches_tracked]
 
 
 # --------------------------------------------------------------------------- freezing
@@ -350,7 +361,7 @@ def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
 
 
 class BNFreeze:
-    """Handle returned by ``freeze_bn``; ``unfreeze()`` (or leaving the ``with`` block) undoes it."""
+    """Returned by ``freeze_bn``; ``unfreeze()`` (or leaving a ``with`` block) undoes it."""
 
     def __init__(self, layers: list[tuple[str, nn.Module]], requires_grad: dict) -> None:
         self.layers = layers
@@ -384,8 +395,8 @@ def freeze_bn(model: nn.Module, freeze_affine: bool = False) -> BNFreeze:
     Frozen layers normalize with their running statistics and never update them (the usual
     setting for fine-tuning with small batches). With ``freeze_affine=True`` their scale and
     offset also stop receiving gradients. The layers' ``train`` method is overridden on the
-    instance; the returned handle restores it (``handle.unfreeze()`` or ``with freeze_bn(m):``),
-    leaving each layer in the mode of its parent at that time.
+    instance; the returned handle restores it (``handle.unfreeze()`` or ``with freeze_bn(m):``).
+    After unfreezing the layers stay in inference mode until the next ``model.train()``.
 
     Raises:
         ValueError: if the model has no BN layer.
@@ -419,10 +430,15 @@ def _bn_feature_axis_ok(layer: nn.Module, bn: nn.Module) -> bool:
 
 def _producer_pairs_fx(model: nn.Module) -> list[tuple[str, str]] | None:
     """(layer, bn) module paths where bn's only input is layer's output and nothing else uses it."""
-    try:
-        import torch.fx
+    import torch.fx
 
-        graph = torch.fx.symbolic_trace(model).graph
+    class _Tracer(torch.fx.Tracer):
+        # Keep every BN (ours included, whose input checks cannot be traced) as one leaf node.
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
     except Exception:
         return None
     pairs = []
@@ -560,9 +576,7 @@ class SyncBatchNorm(BatchNorm):
         shape[axis] = self.num_features
         compute = torch.promote_types(x.dtype, torch.float32)
         xc = x.to(compute)
-        local_count = torch.tensor(
-            [x.numel() // self.num_features], dtype=compute, device=x.device
-        )
+        local_count = torch.tensor([x.numel() // self.num_features], dtype=compute, device=x.device)
         count = all_reduce(local_count, group=self.process_group)
         if float(count) <= 1:
             raise ValueError(
@@ -634,4 +648,3 @@ def iter_bn_buffers(model: nn.Module) -> Iterator[Tensor]:
             yield m.running_mean
             yield m.running_var
             yield m.num_batches_tracked
-
