@@ -1,0 +1,58 @@
+"""Plots and the HTML report of a run folder.
+
+- ``classicnets.report.plots``: ``line_plot``, ``band_plot``, ``multi_panel_plot`` (with
+  ``Panel``), ``save_figure`` (matplotlib, written atomically, no display needed).
+- ``classicnets.report.html``: ``write_report``, ``write_combined_report``, ``read_run``,
+  ``format_metric``, ``ReportError`` (standard library only).
+
+The plotting names are imported lazily, so ``from classicnets.report import write_report`` does
+not import matplotlib.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from classicnets.report.html import (
+    ReportError,
+    RunRecord,
+    format_duration,
+    format_metric,
+    read_run,
+    write_combined_report,
+    write_report,
+)
+
+if TYPE_CHECKING:
+    from classicnets.report.plots import (
+        Panel,
+        band_plot,
+        line_plot,
+        multi_panel_plot,
+        save_figure,
+    )
+
+_PLOT_NAMES = frozenset({"Panel", "band_plot", "line_plot", "multi_panel_plot", "save_figure"})
+
+__all__ = [
+    "Panel",
+    "ReportError",
+    "RunRecord",
+    "band_plot",
+    "format_duration",
+    "format_metric",
+    "line_plot",
+    "multi_panel_plot",
+    "read_run",
+    "save_figure",
+    "write_combined_report",
+    "write_report",
+]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: import matplotlib only when a plot is asked for
+    if name in _PLOT_NAMES:
+        from classicnets.report import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
