@@ -1,0 +1,189 @@
+"""The ``classicnets`` command line: parses, calls library functions, prints where results went.
+
+    classicnets list
+    classicnets run EXPERIMENT [--set key=value ...] [--quick] [--device auto|cpu|cuda] [--out DIR]
+    classicnets resume RUN_DIR [--device ...]
+    classicnets eval RUN_DIR [--device ...]
+    classicnets report RUN_DIR [RUN_DIR ...] [-o FILE]
+
+Bad input (an unknown experiment, an unknown or ill-typed ``--set`` key, an unreadable path or
+data file) gives a one-line message on stderr and exit code 2, never a traceback. Torch is
+imported only by the commands that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints usage too)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from classicnets import __version__
+
+    parser = _Parser(prog="classicnets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"classicnets {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("list", help="experiments and models, one line each")
+
+    p = sub.add_parser("run", help="run an experiment into a new run folder")
+    p.add_argument("experiment", help="experiment name (see 'classicnets list')")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable), e.g. --set steps=1000",
+    )
+    p.add_argument("--quick", action="store_true", help="a few hundred steps (tests, demos)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--out", default=None, help="run folder (default runs/<experiment>-<time>)")
+
+    p = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--device", default=None, help="default: the device the run was started on")
+
+    p = sub.add_parser("eval", help="metrics of a run's trained models on the test split")
+    p.add_argument("run_dir")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("report", help="(re)write the HTML report of one or several runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default=None, help="write a combined report to this file")
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: reported in one line with exit code 2."""
+    from classicnets.data.sources import DataError
+    from classicnets.experiments.common import ExperimentError
+    from classicnets.experiments.config import ConfigError
+    from classicnets.report.html import ReportError
+    from classicnets.train.checkpoint import CheckpointError
+    from classicnets.train.run import RunError
+
+    return (DataError, ConfigError, ExperimentError, RunError, ReportError, CheckpointError)
+
+
+def _fmt_acc(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def cmd_list(args) -> int:
+    from classicnets.experiments import list_experiments
+    from classicnets.models import list_models
+
+    print("experiments:")
+    for e in list_experiments():
+        print(f"  {e.name:<16} {e.description}")
+    print("models:")
+    for m in list_models():
+        print(f"  {m.name:<16} {m.description}")
+    return 0
+
+
+def _print_summary(run_dir: Path, summary: dict) -> None:
+    for variant, values in summary.get("variants", {}).items():
+        print(
+            f"  {variant:<8} test accuracy {_fmt_acc(values.get('test_accuracy'))} "
+            f"after {values.get('steps')} steps"
+        )
+    print(f"status: {summary.get('status')}, wall time {summary.get('wall_time_s', 0):.1f} s")
+    print(f"run folder: {run_dir}")
+    print(f"report: {run_dir / 'report.html'}")
+
+
+def cmd_run(args) -> int:
+    from classicnets.experiments import run_experiment
+
+    run_dir, summary = run_experiment(
+        args.experiment, args.overrides, quick=args.quick, device=args.device, out=args.out
+    )
+    _print_summary(run_dir, summary)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from classicnets.experiments import resume_experiment
+
+    summary = resume_experiment(args.run_dir, device=args.device)
+    _print_summary(Path(args.run_dir), summary)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from classicnets.experiments import evaluate_run
+
+    results = evaluate_run(args.run_dir, device=args.device)
+    if not results:
+        print(f"{args.run_dir}: no checkpoint to evaluate", file=sys.stderr)
+        return EXIT_FAILED
+    for variant, m in results.items():
+        print(
+            f"{variant:<8} step {m['step']:>6}  test accuracy {_fmt_acc(m['accuracy'])}  "
+            f"test loss {m['loss']:.4f}"
+        )
+    return 0
+
+
+def cmd_report(args) -> int:
+    from classicnets.report import write_combined_report, write_report
+
+    if args.output is None and len(args.run_dirs) > 1:
+        from classicnets.report.html import ReportError
+
+        raise ReportError("several run folders need -o FILE for the combined report")
+    if args.output is None:
+        path = write_report(args.run_dirs[0])
+    elif len(args.run_dirs) == 1:
+        path = write_report(args.run_dirs[0], out_path=args.output)
+    else:
+        path = write_combined_report(args.run_dirs, args.output)
+    print(f"report: {path}")
+    return 0
+
+
+COMMANDS = {
+    "list": cmd_list,
+    "run": cmd_run,
+    "resume": cmd_resume,
+    "eval": cmd_eval,
+    "report": cmd_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``classicnets`` command; returns the exit code."""
+    args = _build_parser().parse_args(argv)
+    known = _known_errors()
+    try:
+        return COMMANDS[args.command](args)
+    except known as exc:
+        print(f"classicnets: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("classicnets: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from classicnets.train.classifier import NonFiniteLossError
+
+        if isinstance(exc, NonFiniteLossError):
+            print(f"classicnets: run stopped: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

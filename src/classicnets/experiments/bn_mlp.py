@@ -1,0 +1,334 @@
+"""``bn-mlp``: an MLP with and without batch normalization on MNIST (Ioffe & Szegedy 2015, Fig. 1).
+
+The paper trains a network of 3 fully connected hidden layers of 100 sigmoid units on MNIST with
+mini-batches of 60 for 50,000 steps, with and without BN, and shows (a) test accuracy against
+training steps, and (b, c) how the distribution of the input to one sigmoid of the last hidden
+layer evolves, as its 15th, 50th and 85th percentiles: without BN it drifts, with BN it is stable.
+
+Both variants start from the same seed and see the same batches in the same order; only the
+normalization (and the learning rate, documented below) differs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from classicnets.experiments.common import Experiment, Stopwatch, load_image_data
+from classicnets.models.mlp import MLP
+from classicnets.train.checkpoint import latest_checkpoint
+from classicnets.train.classifier import (
+    TrainSettings,
+    evaluate,
+    load_model_weights,
+    set_deterministic,
+    train_classifier,
+)
+from classicnets.train.run import RunDir
+
+__all__ = ["BNMLPConfig", "EXPERIMENT", "build_model", "run"]
+
+VARIANTS = ("plain", "bn")
+PERCENTILES = (15, 50, 85)
+
+
+@dataclass
+class BNMLPConfig:
+    """Configuration of ``bn-mlp``; defaults follow Ioffe & Szegedy 2015, Sec. 4.1."""
+
+    dataset: str = "mnist"  # "mnist" or "fashion-mnist"
+    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
+    download: bool = True  # download missing data files (sha256-verified) into the data root
+    hidden_sizes: tuple[int, ...] = (100, 100, 100)  # 3 hidden layers of 100 units
+    activation: str = "sigmoid"
+    steps: int = 50_000  # optimization steps per variant
+    batch_size: int = 60
+    optimizer: str = "sgd"  # plain SGD, as in the paper
+    momentum: float = 0.0
+    # Learning rates: the best of {0.2, 0.5, 1.0, 2.0} for each variant on 5,000-step runs
+    # (docs/bn-mlp.md has the sweep). BN allows the higher rate (Ioffe & Szegedy 2015, Sec. 3.3).
+    lr_plain: float = 1.0
+    lr_bn: float = 2.0
+    # "Small random Gaussian values" (Sec. 4.1): N(0, 0.1^2) weights, zero biases.
+    # None uses PyTorch's default nn.Linear initialization instead.
+    init_std: float | None = 0.1
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    variants: tuple[str, ...] = VARIANTS  # any of "plain", "bn"
+    watch_unit: int = 0  # which sigmoid of the last hidden layer panels (b, c) follow
+    eval_every: int = 500  # test accuracy and percentiles every this many steps
+    log_every: int = 100
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    deterministic: bool = True
+    train_limit: int | None = None  # use only the first N training images (quick runs)
+    progress: bool = True
+    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
+
+    @classmethod
+    def quick(cls) -> BNMLPConfig:
+        """A few hundred steps: seconds on a 2-core CPU, for tests and the demo."""
+        return cls(steps=300, eval_every=100, log_every=50, checkpoint_every=100)
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(
+                f"variants must be a non-empty subset of {', '.join(VARIANTS)}, got "
+                f"{','.join(self.variants) or 'nothing'}"
+            )
+        if self.dataset not in ("mnist", "fashion-mnist"):
+            raise ValueError(f"dataset must be mnist or fashion-mnist, got {self.dataset!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        from classicnets.models.mlp import ACTIVATIONS
+
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if not self.hidden_sizes:
+            raise ValueError("hidden_sizes needs at least one hidden layer")
+        if not 0 <= self.watch_unit < self.hidden_sizes[-1]:
+            raise ValueError(
+                f"watch_unit={self.watch_unit} is not a unit of the last hidden layer "
+                f"(size {self.hidden_sizes[-1]})"
+            )
+        for name in ("steps", "batch_size", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def build_model(config: BNMLPConfig, variant: str) -> MLP:
+    from functools import partial
+
+    from classicnets.nn import BatchNorm
+
+    norm = None
+    if variant == "bn":
+        norm = partial(BatchNorm, eps=config.bn_eps, momentum=config.bn_momentum)
+    return MLP(
+        in_features=28 * 28,
+        hidden_sizes=config.hidden_sizes,
+        num_classes=10,
+        activation=config.activation,
+        norm=norm,
+        init_std=config.init_std,
+    )
+
+
+def _settings(config: BNMLPConfig, variant: str) -> TrainSettings:
+    return TrainSettings(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        lr=config.lr_bn if variant == "bn" else config.lr_plain,
+        momentum=config.momentum,
+        eval_every=config.eval_every,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        seed=config.seed,
+        progress=config.progress,
+        stop_after=config.stop_after,
+    )
+
+
+def sigmoid_input_hook(probe: torch.Tensor, unit: int):
+    """An eval hook recording the 15th/50th/85th percentiles of the input to sigmoid ``unit`` of
+    the last hidden layer over the ``probe`` inputs (the paper's panels b and c)."""
+    q = torch.tensor([p / 100 for p in PERCENTILES], dtype=torch.float64, device=probe.device)
+
+    def hook(model: MLP) -> dict[str, float]:
+        captured: dict[str, torch.Tensor] = {}
+        act = model.blocks[-1].act
+
+        def grab(_module, inputs):
+            captured["z"] = inputs[0][:, unit]
+
+        handle = act.register_forward_pre_hook(grab)
+        try:
+            model(probe)
+        finally:
+            handle.remove()
+        values = torch.quantile(captured["z"].double(), q).tolist()
+        return {f"sigmoid_input_p{p}": v for p, v in zip(PERCENTILES, values)}
+
+    return hook
+
+
+def run(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
+    """Train the variants, then write plots, ``summary.json`` and ``report.html``."""
+    config.validate()
+    previous = run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0
+    clock = Stopwatch(previous)
+    set_deterministic(config.deterministic)
+    data = load_image_data(
+        config.dataset, config.data_dir, device, config.train_limit, config.download
+    )
+    hooks = [sigmoid_input_hook(data.test_x, config.watch_unit)]
+    results: dict[str, Any] = {}
+    for variant in config.variants:
+        torch.manual_seed(config.seed)  # same initialization stream for both variants
+        model = build_model(config, variant).to(device)
+        settings = _settings(config, variant)
+        results[variant] = train_classifier(
+            model, data, settings, run_dir, variant, eval_hooks=hooks, resume=resume
+        )
+        results[variant]["lr"] = settings.lr
+        if not results[variant]["complete"]:
+            break  # stopped on request: the next variant starts when the run is resumed
+    summary = _summary(config, run_dir, results, clock.elapsed(), device)
+    run_dir.write_summary(summary)
+    write_plots(run_dir)
+    from classicnets.report import write_report
+
+    write_report(run_dir.path)
+    return summary
+
+
+def _summary(config, run_dir, results, wall_time, device) -> dict[str, Any]:
+    complete = all(results.get(v, {}).get("complete") for v in config.variants)
+    variants = {}
+    for variant, r in results.items():
+        variants[variant] = {
+            "test_accuracy": r.get("test_accuracy"),
+            "test_loss": r.get("test_loss"),
+            "steps": r["step"],
+            "lr": r["lr"],
+            "train_time_s": r.get("train_time_s"),
+        }
+    notes = [
+        f"{len(config.hidden_sizes)} hidden layers of {','.join(map(str, config.hidden_sizes))} "
+        f"{config.activation} units, batch {config.batch_size}, {config.optimizer.upper()}, "
+        f"device {device}.",
+    ]
+    ahead = bn_ahead_fraction(run_dir)
+    if ahead is not None:
+        notes.append(
+            f"BN variant ahead of the plain one at {ahead:.0%} of the test evaluations "
+            f"(after step 0)."
+        )
+    return {
+        "title": "bn-mlp: MLP with and without batch normalization (Ioffe & Szegedy 2015, Fig. 1)",
+        "status": "complete" if complete else "stopped",
+        "wall_time_s": wall_time,
+        "variants": variants,
+        "notes": notes,
+    }
+
+
+def _test_curves(run_dir: RunDir) -> dict[str, list[dict]]:
+    curves: dict[str, list[dict]] = {}
+    for r in run_dir.read_metrics():
+        if r.get("split") == "test":
+            curves.setdefault(r["variant"], []).append(r)
+    return curves
+
+
+def bn_ahead_fraction(run_dir: RunDir) -> float | None:
+    """Fraction of common evaluation steps (> 0) at which BN's test accuracy beats plain's."""
+    curves = _test_curves(run_dir)
+    if "bn" not in curves or "plain" not in curves:
+        return None
+    plain = {r["step"]: r["accuracy"] for r in curves["plain"] if r["step"] > 0}
+    bn = {r["step"]: r["accuracy"] for r in curves["bn"] if r["step"] > 0}
+    common = sorted(set(plain) & set(bn))
+    if not common:
+        return None
+    return sum(bn[s] > plain[s] for s in common) / len(common)
+
+
+def write_plots(run_dir: RunDir) -> list:
+    """Panels (a) test accuracy against steps, (b, c) sigmoid-input percentiles; train loss."""
+    from classicnets.report import Panel, line_plot, multi_panel_plot
+
+    curves = _test_curves(run_dir)
+    if not curves:
+        return []
+    names = {"plain": "without BN", "bn": "with BN"}
+    written = [
+        line_plot(
+            run_dir.plots / "test_accuracy.png",
+            {
+                names.get(v, v): ([r["step"] for r in rs], [r["accuracy"] for r in rs])
+                for v, rs in curves.items()
+            },
+            xlabel="training step",
+            ylabel="test accuracy",
+            title="(a) test accuracy",
+            ylim=(0.85, 1.0),
+        )
+    ]
+    panels = []
+    for letter, v in zip("bc", [v for v in VARIANTS if v in curves]):
+        rs = curves[v]
+        panels.append(
+            Panel(
+                title=f"({letter}) {names[v]}",
+                xlabel="training step",
+                ylabel="input to a last-layer sigmoid",
+                x=[r["step"] for r in rs],
+                bands={
+                    "15th / 50th / 85th percentile": tuple(
+                        [r[f"sigmoid_input_p{p}"] for r in rs] for p in PERCENTILES
+                    )
+                },
+            )
+        )
+    written.append(
+        multi_panel_plot(run_dir.plots / "sigmoid_input_percentiles.png", panels, sharey=True)
+    )
+    train: dict[str, tuple[list, list]] = {}
+    for r in run_dir.read_metrics():
+        if r.get("split") == "train":
+            xs, ys = train.setdefault(names.get(r["variant"], r["variant"]), ([], []))
+            xs.append(r["step"])
+            ys.append(r["loss"])
+    if train:
+        written.append(
+            line_plot(
+                run_dir.plots / "train_loss.png",
+                train,
+                xlabel="training step",
+                ylabel="training cross-entropy",
+                title="training loss",
+                logy=True,
+            )
+        )
+    return written
+
+
+def evaluate_trained(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Test loss and accuracy of each variant's newest checkpoint."""
+    data = load_image_data(config.dataset, config.data_dir, device, download=config.download)
+    out: dict[str, Any] = {}
+    for variant in config.variants:
+        found = latest_checkpoint(run_dir.checkpoints, variant)
+        if found is None:
+            continue
+        tensors, state, path = found
+        model = build_model(config, variant).to(device)
+        load_model_weights(model, tensors)
+        t0 = time.perf_counter()
+        metrics = evaluate(model, data.test_x, data.test_y)
+        out[variant] = {
+            **metrics,
+            "step": state["step"],
+            "checkpoint": str(path),
+            "eval_time_s": time.perf_counter() - t0,
+        }
+    return out
+
+
+EXPERIMENT = Experiment(
+    name="bn-mlp",
+    description="MLP with vs without BatchNorm on MNIST (Ioffe & Szegedy 2015, Figure 1)",
+    config_cls=BNMLPConfig,
+    run=run,
+    evaluate=evaluate_trained,
+)

@@ -1,0 +1,186 @@
+"""What every experiment shares: the registry, the run lifecycle, device and data helpers.
+
+An experiment is a config dataclass (documented defaults; ``quick()`` gives the variant tests
+use) and three functions:
+
+    run(config, run_dir, device, resume) -> summary dict   trains, logs, plots, reports
+    evaluate(run_dir, device) -> dict                        metrics of the trained models
+    describe: one line for ``classicnets list``
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from classicnets.experiments.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+)
+from classicnets.train.run import RunDir, RunError, new_run_dir
+
+__all__ = [
+    "EXPERIMENTS",
+    "Experiment",
+    "ExperimentError",
+    "evaluate_run",
+    "get_experiment",
+    "list_experiments",
+    "load_image_data",
+    "resolve_device",
+    "resume_experiment",
+    "run_experiment",
+]
+
+
+class ExperimentError(ValueError):
+    """An unknown experiment or device, or a run that cannot be resumed."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    config_cls: type
+    run: Callable[..., dict[str, Any]]
+    evaluate: Callable[..., dict[str, Any]]
+
+
+# name -> module; modules are imported on first use so `classicnets list` stays fast.
+_MODULES = {
+    "bn-mlp": "classicnets.experiments.bn_mlp",
+}
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment ``name``; unknown names raise ``ExperimentError`` listing the known ones."""
+    if name not in _MODULES:
+        raise ExperimentError(
+            f"unknown experiment {name!r}; known experiments: {', '.join(sorted(_MODULES))}"
+        )
+    if name not in EXPERIMENTS:
+        module = importlib.import_module(_MODULES[name])
+        EXPERIMENTS[name] = module.EXPERIMENT
+    return EXPERIMENTS[name]
+
+
+def list_experiments() -> list[Experiment]:
+    return [get_experiment(n) for n in sorted(_MODULES)]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExperimentError(f"--device {device}: no CUDA device is available here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ExperimentError(f"--device {device!r}: expected auto, cpu or cuda")
+    return device
+
+
+def run_experiment(
+    name: str,
+    overrides: list[str] | None = None,
+    quick: bool = False,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run experiment ``name`` in a new run folder; return ``(run_dir, summary)``.
+
+    Args:
+        name: registered experiment name.
+        overrides: ``key=value`` strings applied to the (quick) default config.
+        quick: start from ``config_cls.quick()``: a few hundred steps, for tests and demos.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        out: run folder (default ``runs/<name>-<timestamp>``).
+    """
+    experiment = get_experiment(name)
+    config = experiment.config_cls.quick() if quick else experiment.config_cls()
+    config = apply_overrides(config, list(overrides or []))
+    device = resolve_device(device)
+    run = RunDir(new_run_dir(out, name))
+    record = config_to_dict(config)
+    run.write_config(name, {**record, "_quick": quick, "_device": device})
+    try:
+        summary = experiment.run(config, run, device=device, resume=False)
+    except Exception:
+        _remove_if_empty(run)
+        raise
+    return run.path, summary
+
+
+def _remove_if_empty(run: RunDir) -> None:
+    """A run that failed before logging anything (bad data path, ...) leaves no folder behind."""
+    if run.metrics_path.exists() or run.checkpoints.exists():
+        return
+    run.config_path.unlink(missing_ok=True)
+    try:
+        run.path.rmdir()
+    except OSError:
+        pass  # not empty: the user's own folder or files we did not write
+
+
+def _load(run_dir: str | Path) -> tuple[Experiment, Any, RunDir, dict]:
+    run = RunDir(run_dir)
+    record = run.read_config()
+    experiment = get_experiment(record["experiment"])
+    values = {k: v for k, v in record["config"].items() if not k.startswith("_")}
+    try:
+        config = config_from_dict(experiment.config_cls, values)
+    except (ConfigError, TypeError) as exc:
+        raise RunError(f"{run.config_path}: {exc}") from None
+    return experiment, config, run, record
+
+
+def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last checkpoints; return its summary."""
+    experiment, config, run, record = _load(run_dir)
+    device = resolve_device(device or record["config"].get("_device", "auto"))
+    return experiment.run(config, run, device=device, resume=True)
+
+
+def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:
+    """Metrics of the trained models of a run, on the test split."""
+    experiment, config, run, _ = _load(run_dir)
+    return experiment.evaluate(config, run, device=resolve_device(device))
+
+
+def load_image_data(
+    dataset: str, data_dir: str | None, device: str, train_limit=None, download: bool = True
+):
+    """MNIST / Fashion-MNIST as ``ClassificationData``: float32 in [0, 1], shape [N, 1, 28, 28],
+    whole splits on ``device``. ``train_limit`` keeps the first examples of the training split."""
+    import torch
+
+    from classicnets.data import load_mnist
+    from classicnets.train.classifier import ClassificationData
+
+    splits = []
+    for split in ("train", "test"):
+        images, labels = load_mnist(split, dataset=dataset, data_dir=data_dir, download=download)
+        if split == "train" and train_limit is not None:
+            images, labels = images[:train_limit], labels[:train_limit]
+        x = torch.from_numpy(images).to(device=device, dtype=torch.float32).div_(255.0)
+        splits += [x.unsqueeze(1), torch.from_numpy(labels).to(device)]  # (N, 1, 28, 28), (N,)
+    return ClassificationData(*splits)
+
+
+class Stopwatch:
+    """Wall time of a run, accumulated across resumes through the summary file."""
+
+    def __init__(self, previous: float = 0.0) -> None:
+        self.previous = previous
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.previous + time.perf_counter() - self.start

@@ -1,0 +1,182 @@
+"""The run folder every experiment writes (DESIGN.md, "Runs").
+
+runs/<experiment>-<timestamp>/
+  config.json      the experiment name and its fully resolved config
+  metrics.jsonl    one JSON object per logged step or evaluation
+  summary.json     final figures and status, for the report
+  checkpoints/     safetensors + JSON trainer states (see ``checkpoint``)
+  plots/           PNG figures
+  report.html      the self-contained report
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from classicnets.train.checkpoint import atomic_write_text
+
+__all__ = ["RunDir", "RunError", "new_run_dir"]
+
+
+class RunError(ValueError):
+    """A run folder is missing or unreadable."""
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _clean(value):
+    """NaN and infinities are not JSON; write them as strings so the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def new_run_dir(out: str | os.PathLike | None, experiment: str) -> Path:
+    """A fresh folder: ``out`` itself if given (it must not hold a run yet), else
+    ``runs/<experiment>-<YYYYmmdd-HHMMSS>`` (with a suffix if that exists)."""
+    if out is not None:
+        path = Path(out)
+        if (path / "config.json").exists():
+            raise RunError(
+                f"{path} already holds a run (config.json exists); use 'classicnets resume {path}' "
+                f"or choose another --out"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{experiment}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+class RunDir:
+    """Reads and writes one run folder; ``writer=False`` makes writes no-ops (DDP ranks > 0)."""
+
+    def __init__(self, path: str | os.PathLike, writer: bool = True) -> None:
+        self.path = Path(path)
+        self.writer = writer
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    # config
+    def write_config(self, experiment: str, config: dict[str, Any]) -> None:
+        if not self.writer:
+            return
+        import torch
+
+        from classicnets import __version__
+
+        record = {
+            "experiment": experiment,
+            "config": config,
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "classicnets_version": __version__,
+            "torch_version": torch.__version__,
+        }
+        atomic_write_text(self.config_path, json.dumps(record, indent=2, default=_json_default))
+
+    def read_config(self) -> dict[str, Any]:
+        if not self.path.is_dir():
+            raise RunError(f"run folder {self.path} does not exist")
+        try:
+            record = json.loads(self.config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunError(
+                f"{self.path} is not a run folder: {self.config_path} is missing"
+            ) from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunError(f"cannot read {self.config_path}: {exc}") from None
+        if not isinstance(record, dict) or "experiment" not in record or "config" not in record:
+            raise RunError(f"{self.config_path} lacks the 'experiment' and 'config' entries")
+        return record
+
+    # metrics
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one metrics record (a line of ``metrics.jsonl``)."""
+        if not self.writer:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(_clean(record), default=_json_default)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every complete record of ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
+        if not self.metrics_path.exists():
+            return []
+        records = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def truncate_metrics(self, keep) -> None:
+        """Rewrite ``metrics.jsonl`` atomically keeping only the records where ``keep(r)``.
+
+        On resume, records written after the checkpoint being resumed are dropped: the resumed
+        run writes them again, identically.
+        """
+        if not self.writer or not self.metrics_path.exists():
+            return
+        kept = [r for r in self.read_metrics() if keep(r)]
+        text = "".join(json.dumps(r, default=_json_default) + "\n" for r in kept)
+        atomic_write_text(self.metrics_path, text)
+
+    # summary
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.writer:
+            return
+        atomic_write_text(
+            self.summary_path, json.dumps(_clean(summary), indent=2, default=_json_default)
+        )
+
+    def read_summary(self) -> dict[str, Any]:
+        if not self.summary_path.exists():
+            return {}
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
