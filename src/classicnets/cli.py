@@ -178,11 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from classicnets.train.classifier import NonFiniteLossError
+        from classicnets.train.faults import StopRequested
 
+        if isinstance(exc, StopRequested):
+            resume = f"; continue with: classicnets resume {_run_dir_of(args, exc)}"
+            print(f"classicnets: {exc}{resume}", file=sys.stderr)
+            return exc.exit_code
         if isinstance(exc, NonFiniteLossError):
             print(f"classicnets: run stopped: {exc}", file=sys.stderr)
             return EXIT_FAILED
         raise
+
+
+def _run_dir_of(args, exc) -> str:
+    if exc.checkpoint:  # RUN_DIR/checkpoints/NAME.json
+        return str(Path(exc.checkpoint).parent.parent)
+    return getattr(args, "run_dir", None) or getattr(args, "out", None) or "RUN_DIR"
 
 
 if __name__ == "__main__":

@@ -17,11 +17,16 @@ from typing import Any
 
 import torch
 
-from classicnets.experiments.common import Experiment, Stopwatch, load_image_data
+from classicnets.experiments.common import (
+    Experiment,
+    Stopwatch,
+    TrainingOptions,
+    load_image_data,
+    train_settings,
+)
 from classicnets.models.mlp import MLP
 from classicnets.train.checkpoint import latest_checkpoint
 from classicnets.train.classifier import (
-    TrainSettings,
     evaluate,
     load_model_weights,
     set_deterministic,
@@ -36,8 +41,11 @@ PERCENTILES = (15, 50, 85)
 
 
 @dataclass
-class BNMLPConfig:
-    """Configuration of ``bn-mlp``; defaults follow Ioffe & Szegedy 2015, Sec. 4.1."""
+class BNMLPConfig(TrainingOptions):
+    """Configuration of ``bn-mlp``; defaults follow Ioffe & Szegedy 2015, Sec. 4.1.
+
+    The training switches shared by all experiments (schedule, clipping, precision, compile,
+    sync BN, ...) come from ``TrainingOptions``."""
 
     dataset: str = "mnist"  # "mnist" or "fashion-mnist"
     data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
@@ -62,9 +70,7 @@ class BNMLPConfig:
     eval_every: int = 500  # test accuracy and percentiles every this many steps
     log_every: int = 100
     checkpoint_every: int = 5000
-    keep_checkpoints: int = 2
     seed: int = 0
-    deterministic: bool = True
     train_limit: int | None = None  # use only the first N training images (quick runs)
     progress: bool = True
     stop_after: int | None = None  # stop each variant after this many steps (resume demos)
@@ -75,6 +81,7 @@ class BNMLPConfig:
         return cls(steps=300, eval_every=100, log_every=50, checkpoint_every=100)
 
     def validate(self) -> None:
+        self.validate_training()
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ValueError(
@@ -121,21 +128,8 @@ def build_model(config: BNMLPConfig, variant: str) -> MLP:
     )
 
 
-def _settings(config: BNMLPConfig, variant: str) -> TrainSettings:
-    return TrainSettings(
-        steps=config.steps,
-        batch_size=config.batch_size,
-        optimizer=config.optimizer,
-        lr=config.lr_bn if variant == "bn" else config.lr_plain,
-        momentum=config.momentum,
-        eval_every=config.eval_every,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
-        seed=config.seed,
-        progress=config.progress,
-        stop_after=config.stop_after,
-    )
+def _settings(config: BNMLPConfig, variant: str):
+    return train_settings(config, lr=config.lr_bn if variant == "bn" else config.lr_plain)
 
 
 def sigmoid_input_hook(probe: torch.Tensor, unit: int):

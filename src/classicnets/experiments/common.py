@@ -10,6 +10,7 @@ use) and three functions:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ __all__ = [
     "EXPERIMENTS",
     "Experiment",
     "ExperimentError",
+    "TrainingOptions",
     "evaluate_run",
     "get_experiment",
     "list_experiments",
@@ -36,11 +38,61 @@ __all__ = [
     "resolve_device",
     "resume_experiment",
     "run_experiment",
+    "train_settings",
 ]
 
 
 class ExperimentError(ValueError):
     """An unknown experiment or device, or a run that cannot be resumed."""
+
+
+@dataclass
+class TrainingOptions:
+    """Training switches every experiment config inherits (``train.classifier.TrainSettings``
+    documents each). All are off by default; on CPU, bf16 and fp16 run but are slower."""
+
+    weight_decay: float = 0.0  # never applied to BN parameters and biases
+    schedule: str = "constant"  # constant | step | cosine | exp-after-epoch | plateau
+    lr_step_every: int = 10_000  # step: multiply by lr_gamma every this many steps
+    lr_gamma: float = 0.1  # step and plateau factor
+    warmup_steps: int = 0  # cosine: linear warm-up steps
+    lr_decay: float = 0.5  # exp-after-epoch: factor per epoch
+    epochs_at_full_lr: int = 4  # exp-after-epoch: epochs before decaying
+    plateau_patience: int = 5  # plateau: evaluations without improvement before decaying
+    clip_grad_norm: float | None = None  # clip to this global norm (the norm is logged)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+    compile: bool = False  # torch.compile the training model
+    channels_last: bool = False  # NHWC memory format (convolutional models)
+    sync_bn: bool = False  # synchronized BN across torchrun processes
+    keep_checkpoints: int = 2  # checkpoints kept per model
+    deterministic: bool = True  # deterministic kernels: bit-identical reruns and resumes on CPU
+
+    def validate_training(self) -> None:
+        from classicnets.train.precision import PRECISIONS
+
+        schedules = ("constant", "step", "cosine", "exp-after-epoch", "plateau")
+        if self.schedule not in schedules:
+            raise ValueError(
+                f"schedule must be one of {', '.join(schedules)}, got {self.schedule!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be positive or none, got {self.clip_grad_norm}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+def train_settings(config, **overrides):
+    """``TrainSettings`` from the fields of ``config`` that share its names, plus ``overrides``."""
+    from classicnets.train.classifier import TrainSettings
+
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    values = {n: getattr(config, n) for n in names if hasattr(config, n)}
+    values.update(overrides)
+    return TrainSettings(**values)
 
 
 @dataclass(frozen=True)
@@ -104,18 +156,27 @@ def run_experiment(
         device: ``auto``, ``cpu`` or ``cuda``.
         out: run folder (default ``runs/<name>-<timestamp>``).
     """
+    from classicnets.train.distributed import broadcast_object, init_from_env, shutdown
+
     experiment = get_experiment(name)
     config = experiment.config_cls.quick() if quick else experiment.config_cls()
     config = apply_overrides(config, list(overrides or []))
     device = resolve_device(device)
-    run = RunDir(new_run_dir(out, name))
-    record = config_to_dict(config)
-    run.write_config(name, {**record, "_quick": quick, "_device": device})
+    ctx = init_from_env(device)  # torchrun: one process per device; else a no-op
     try:
-        summary = experiment.run(config, run, device=device, resume=False)
-    except Exception:
-        _remove_if_empty(run)
-        raise
+        # Rank 0 makes the folder and writes it; the others learn its name and write nothing.
+        path = broadcast_object(str(new_run_dir(out, name)) if ctx.is_main else None)
+        run = RunDir(path, writer=ctx.is_main)
+        record = config_to_dict(config)
+        run.write_config(name, {**record, "_quick": quick, "_device": device})
+        try:
+            summary = experiment.run(config, run, device=ctx.device, resume=False)
+        except Exception:
+            if ctx.is_main:
+                _remove_if_empty(run)
+            raise
+    finally:
+        shutdown()
     return run.path, summary
 
 
@@ -144,9 +205,16 @@ def _load(run_dir: str | Path) -> tuple[Experiment, Any, RunDir, dict]:
 
 def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its last checkpoints; return its summary."""
+    from classicnets.train.distributed import init_from_env, shutdown
+
     experiment, config, run, record = _load(run_dir)
     device = resolve_device(device or record["config"].get("_device", "auto"))
-    return experiment.run(config, run, device=device, resume=True)
+    ctx = init_from_env(device)
+    try:
+        run.writer = ctx.is_main
+        return experiment.run(config, run, device=ctx.device, resume=True)
+    finally:
+        shutdown()
 
 
 def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:

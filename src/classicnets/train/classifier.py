@@ -11,7 +11,6 @@ resumed from step k continues bit for bit like an uninterrupted run on CPU in de
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -23,23 +22,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches, iterate_in_order
-from classicnets.train.checkpoint import (
-    checkpoint_name,
-    latest_checkpoint,
-    pack_optimizer,
-    restore_rng_state,
-    rng_state_tensors,
-    save_checkpoint,
-    unpack_optimizer,
+from classicnets.nn.batchnorm import convert_sync_batchnorm
+from classicnets.train.distributed import get_context, sync_bn_buffers, wrap_ddp
+from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.params import param_groups
+from classicnets.train.precision import (
+    Precision,
+    inputs_channels_last,
+    maybe_channels_last,
+    maybe_compile,
 )
 from classicnets.train.run import RunDir
+from classicnets.train.schedules import make_schedule
+from classicnets.train.state import TrainState
 
 __all__ = [
     "ClassificationData",
     "NonFiniteLossError",
     "TrainSettings",
     "evaluate",
-    "learning_rate_at",
+    "make_schedule_from_settings",
     "make_optimizer",
     "set_deterministic",
     "train_classifier",
@@ -72,20 +74,31 @@ class TrainSettings:
 
     Attributes:
         steps: optimization steps.
-        batch_size: examples per step.
+        batch_size: examples per step (the global batch under DDP, split across processes).
         optimizer: "sgd" or "adam".
         lr: base learning rate.
         momentum: SGD momentum (0 for plain SGD).
         nesterov: Nesterov momentum for SGD.
-        weight_decay: L2 penalty through the optimizer.
-        schedule: "constant", "step" (times ``lr_gamma`` every ``lr_step_every`` steps) or
-            "cosine" (to 0 at the last step, after ``warmup_steps`` of linear warm-up).
-        lr_step_every, lr_gamma, warmup_steps: schedule parameters.
+        weight_decay: L2 penalty through the optimizer; never applied to BN parameters and
+            biases (``train.params.param_groups``).
+        schedule: "constant", "step" (times ``lr_gamma`` every ``lr_step_every`` steps),
+            "cosine" (to 0 at the last step after ``warmup_steps`` of linear warm-up),
+            "exp-after-epoch" (times ``lr_decay`` per epoch after ``epochs_at_full_lr``) or
+            "plateau" (times ``lr_gamma`` when the training loss has not improved for
+            ``plateau_patience`` evaluations).
+        lr_step_every, lr_gamma, warmup_steps, lr_decay, epochs_at_full_lr, plateau_patience:
+            schedule parameters.
+        clip_grad_norm: clip gradients to this global norm (None: no clipping); the norm before
+            clipping is logged as ``grad_norm``.
+        precision: "fp32", "bf16" (autocast) or "fp16" (autocast with a gradient scaler).
+        compile: train through ``torch.compile``.
+        channels_last: NHWC memory format (convolutional models).
+        sync_bn: synchronized batch normalization under DDP.
         eval_every: evaluate on the test split every this many steps (and at the end).
         log_every: write the mean training loss and accuracy every this many steps.
         checkpoint_every: checkpoint every this many steps (and at the end); 0 for end only.
         keep_checkpoints: how many checkpoints of each model to keep.
-        seed: seed of the weights' initialization (set by the caller) and of the data order.
+        seed: seed of the data order (the caller seeds the initialization).
         eval_batch_size: batch size of evaluation (no effect on the result).
         progress: show a tqdm progress bar.
         stop_after: stop (with a checkpoint) after this many steps of the run, as if killed;
@@ -103,6 +116,14 @@ class TrainSettings:
     lr_step_every: int = 10_000
     lr_gamma: float = 0.1
     warmup_steps: int = 0
+    lr_decay: float = 0.5
+    epochs_at_full_lr: int = 4
+    plateau_patience: int = 5
+    clip_grad_norm: float | None = None
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    sync_bn: bool = False
     eval_every: int = 1000
     log_every: int = 100
     checkpoint_every: int = 5000
@@ -139,28 +160,23 @@ def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; choose 'sgd' or 'adam'")
 
 
-def learning_rate_at(step: int, settings: TrainSettings) -> float:
-    """The learning rate of optimization step ``step`` (0-based), in closed form.
-
-    >>> s = TrainSettings(steps=100, batch_size=1, lr=1.0, schedule="step", lr_step_every=30,
-    ...                   lr_gamma=0.5)
-    >>> [learning_rate_at(k, s) for k in (0, 29, 30, 99)]
-    [1.0, 1.0, 0.5, 0.125]
-    """
-    base = settings.lr
-    if settings.schedule == "constant":
-        return base
-    if settings.schedule == "step":
-        return base * settings.lr_gamma ** (step // settings.lr_step_every)
-    if settings.schedule == "cosine":
-        if step < settings.warmup_steps:
-            return base * (step + 1) / settings.warmup_steps
-        span = max(1, settings.steps - settings.warmup_steps)
-        progress = min(1.0, (step - settings.warmup_steps) / span)
-        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(
-        f"unknown schedule {settings.schedule!r}; choose 'constant', 'step' or 'cosine'"
-    )
+def make_schedule_from_settings(settings: TrainSettings):
+    """The learning-rate schedule named by ``settings.schedule`` (``train.schedules``)."""
+    kwargs = {
+        "constant": {},
+        "step": {"step_size": settings.lr_step_every, "gamma": settings.lr_gamma},
+        "cosine": {"total_steps": settings.steps, "warmup_steps": settings.warmup_steps},
+        "exp-after-epoch": {
+            "decay": settings.lr_decay,
+            "epochs_at_full_lr": settings.epochs_at_full_lr,
+        },
+        "plateau": {"factor": settings.lr_gamma, "patience": settings.plateau_patience},
+    }
+    if settings.schedule not in kwargs:
+        raise ValueError(
+            f"unknown schedule {settings.schedule!r}; choose one of {', '.join(kwargs)}"
+        )
+    return make_schedule(settings.schedule, **kwargs[settings.schedule])
 
 
 @torch.no_grad()
@@ -185,33 +201,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> 
 EvalHook = Callable[[nn.Module], dict[str, Any]]
 
 
-def _snapshot(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: ShuffledBatches,
-    step: int,
-    settings: TrainSettings,
-    complete: bool,
-    interval: dict[str, Any],
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt_tensors, opt_state = pack_optimizer(optimizer, "optimizer")
-    tensors.update(opt_tensors)
-    tensors.update(rng_state_tensors())
-    # The partly filled logging interval, so that the first log line after a resume is the same.
-    tensors["train.loss_buffer"] = interval["loss_buffer"]
-    state = {
-        "step": step,
-        "complete": complete,
-        "optimizer": opt_state,
-        "data_order": batches.state_dict(),
-        "interval": {"correct": int(interval["correct"]), "seen": interval["seen"]},
-        "train_time_s": interval["train_time_s"],
-        "settings": settings.__dict__,
-    }
-    return tensors, state
-
-
 def load_model_weights(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Load the ``model.*`` entries of a checkpoint into ``model`` (strict)."""
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -232,7 +221,7 @@ def train_classifier(
     Args:
         model: the classifier, already on the data's device and initialized from the seed.
         data: whole splits, on the device to train on.
-        settings: steps, optimizer, schedule, logging and checkpoint intervals.
+        settings: steps, optimizer, schedule, precision, logging and checkpoint intervals.
         run: the run folder to log to and checkpoint into (None: no files).
         variant: the name of this model within the run (prefix of its checkpoints and the
             ``variant`` field of its metrics).
@@ -244,145 +233,174 @@ def train_classifier(
         ``{"step", "complete", "test_accuracy", "test_loss", "train_time_s"}``.
 
     Raises:
-        NonFiniteLossError: when a training loss is NaN or infinite (the run stops; the last
+        NonFiniteLossError: when a training loss is NaN or infinite (the run stops; the newest
             checkpoint, written before that step, stays intact).
+        StopRequested: on SIGINT/SIGTERM, after writing a checkpoint.
     """
+    ctx = get_context()
     device = data.train_x.device
-    optimizer = make_optimizer(model.parameters(), settings)
-    batches = ShuffledBatches(len(data.train_x), settings.batch_size, settings.seed, device=device)
     hooks = eval_hooks or []
+    if settings.sync_bn and ctx.enabled:
+        model = convert_sync_batchnorm(model)
+    maybe_channels_last(model, settings.channels_last)
+    precision = Precision(settings.precision, str(device))
+    optimizer = make_optimizer(param_groups(model, weight_decay=settings.weight_decay), settings)
+    schedule = make_schedule_from_settings(settings)
+    batches = ShuffledBatches(len(data.train_x), settings.batch_size, settings.seed, device=device)
+    state = TrainState({"model": model}, {"model": optimizer}, {"lr": schedule}, precision, batches)
     log_every = max(1, settings.log_every)
-    interval = {
+    state.extra_tensors = {
         "loss_buffer": torch.zeros(log_every, device=device),
-        "correct": torch.zeros((), dtype=torch.long, device=device),
-        "seen": 0,
-        "train_time_s": 0.0,
+        "grad_norm_buffer": torch.zeros(log_every, device=device),
     }
-    start_step = 0
+    state.extra = {"correct": 0, "seen": 0, "train_time_s": 0.0, "last_train_loss": None}
     if resume and run is not None:
-        found = latest_checkpoint(run.checkpoints, variant)
-        if found is not None:
-            tensors, state, _ = found
-            load_model_weights(model, tensors)
-            unpack_optimizer(optimizer, tensors, state["optimizer"], "optimizer")
-            batches.load_state_dict(state["data_order"])
-            restore_rng_state(tensors)
-            start_step = int(state["step"])
-            interval["loss_buffer"] = tensors["train.loss_buffer"].to(device)
-            interval["correct"].fill_(state["interval"]["correct"])
-            interval["seen"] = int(state["interval"]["seen"])
-            interval["train_time_s"] = float(state["train_time_s"])
-            # The resumed run writes again, identically, whatever was logged after the checkpoint.
+        if state.resume(run.checkpoints, variant) is not None:
+            state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
+        # The resumed run writes again, identically, whatever was logged after the checkpoint
+        # (everything of this variant if it never reached a checkpoint).
+        resumed_at = state.step
+        if ctx.is_main:
             run.truncate_metrics(
-                lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= start_step
+                lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= resumed_at
             )
-            if state.get("complete"):
-                result = {
-                    "step": start_step,
-                    "complete": True,
-                    "train_time_s": float(state["train_time_s"]),
-                }
-                result.update(_final_eval(model, data, settings, hooks))
-                return result
+        if state.complete:
+            result = {"step": state.step, "complete": True}
+            result["train_time_s"] = state.extra["train_time_s"]
+            result.update(_final_eval(model, data, settings, hooks))
+            return result
 
-    def checkpoint(step: int, complete: bool) -> None:
-        if run is None:
+    train_model = maybe_compile(wrap_ddp(model, ctx), settings.compile)
+    loss_buffer = state.extra_tensors["loss_buffer"]
+    norm_buffer = state.extra_tensors["grad_norm_buffer"]
+    correct = torch.tensor(state.extra["correct"], dtype=torch.long, device=device)
+    clock = {"train": state.extra["train_time_s"], "tick": time.perf_counter()}
+    checked = {"upto": state.step}  # losses up to this step are known finite
+
+    def check_finite(step: int) -> None:
+        """Raise if a loss since the last check is not finite (all ranks agree)."""
+        first = checked["upto"]
+        if step <= first:
             return
-        interval["train_time_s"] = train_time + (time.perf_counter() - tick)
-        tensors, state = _snapshot(model, optimizer, batches, step, settings, complete, interval)
-        save_checkpoint(
-            run.checkpoints,
-            checkpoint_name(variant, step),
-            tensors,
-            state,
-            keep_last=settings.keep_checkpoints,
-        )
+        idx = torch.arange(first, step, device=device) % log_every
+        losses = loss_buffer[idx]
+        bad = (~torch.isfinite(losses)).nonzero()
+        flag = torch.tensor([float(len(bad))], device=device)
+        if ctx.enabled:
+            torch.distributed.all_reduce(flag)
+        if flag.item() > 0:
+            bad_step = first + int(bad[0]) + 1 if len(bad) else first + 1
+            value = losses[int(bad[0])].item() if len(bad) else float("nan")
+            raise NonFiniteLossError(
+                f"{variant}: training loss is {value} at step {bad_step}; stopped. The newest "
+                f"checkpoint (written before that step) is kept intact."
+            )
+        checked["upto"] = step
+
+    def checkpoint() -> str | None:
+        check_finite(state.step)
+        sync_bn_buffers(model, ctx)
+        if run is None or not ctx.is_main:
+            return None
+        clock_now = clock["train"] + time.perf_counter() - clock["tick"]
+        state.extra.update(correct=int(correct), train_time_s=clock_now)
+        return str(state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints))
 
     def log_eval(step: int) -> dict[str, Any]:
+        sync_bn_buffers(model, ctx)
         record = {"variant": variant, "step": step, "split": "test"}
         record.update(_final_eval(model, data, settings, hooks, prefix=""))
         if run is not None:
             run.log(record)
         return record
 
-    if start_step == 0:
-        # Step 0 is the untrained model: the first point of every curve.
-        last_eval = log_eval(0)
-    else:
-        last_eval = {}
-    progress = _progress_bar(settings, start_step, variant)
-    loss_buffer = interval["loss_buffer"]
-    correct = interval["correct"]
-    train_time = interval["train_time_s"]
-    tick = time.perf_counter()
+    last_eval = log_eval(0) if state.step == 0 else {}  # step 0: the first point of each curve
+    progress = _progress_bar(settings, state.step, variant) if ctx.is_main else None
     end_step = settings.steps
     if settings.stop_after is not None:
-        end_step = min(end_step, start_step + settings.stop_after)
-    step = start_step
+        end_step = min(end_step, state.step + settings.stop_after)
+    local = ctx.local_slice(settings.batch_size) if ctx.enabled else slice(None)
     try:
-        while step < end_step:
-            lr = learning_rate_at(step, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            index = next(batches)
-            xb, yb = data.train_x[index], data.train_y[index]
-            model.train()
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_buffer[step % log_every] = loss.detach()
-            correct += (logits.detach().argmax(dim=1) == yb).sum()
-            interval["seen"] += len(yb)
-            step += 1
-            if step % log_every == 0 or step == settings.steps:
-                n = (step - 1) % log_every + 1
-                losses = loss_buffer[:n]
-                finite = torch.isfinite(losses)
-                if not bool(finite.all()):
-                    bad = int((~finite).nonzero()[0])
-                    bad_step = step - n + bad + 1
-                    raise NonFiniteLossError(
-                        f"{variant}: training loss is {losses[bad].item()} at step {bad_step} "
-                        f"(learning rate {lr:g}); stopped. The last checkpoint before it is kept."
+        with SignalGuard() as guard:
+            while state.step < end_step:
+                step = state.step
+                index = next(batches)[local]  # this process's slice of the global batch
+                schedule.apply(optimizer, step, batches.epoch)
+                xb = inputs_channels_last(data.train_x[index], settings.channels_last)
+                yb = data.train_y[index]
+                train_model.train()
+                with precision.autocast():
+                    logits = train_model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+                optimizer.zero_grad(set_to_none=True)
+                precision.backward(loss)
+                if settings.clip_grad_norm:
+                    precision.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        model.parameters(), settings.clip_grad_norm
                     )
-                mean_loss = losses.mean().item()
-                accuracy = correct.item() / max(1, interval["seen"])
-                if run is not None:
-                    run.log(
-                        {
-                            "variant": variant,
-                            "step": step,
-                            "split": "train",
-                            "loss": mean_loss,
-                            "accuracy": accuracy,
-                            "lr": lr,
-                        }
-                    )
-                correct.zero_()
-                interval["seen"] = 0
-                if progress is not None:
-                    progress.set_postfix(
-                        loss=f"{mean_loss:.4f}",
-                        acc=f"{accuracy:.3f}",
-                        test_acc=f"{last_eval.get('accuracy', float('nan')):.4f}",
-                    )
-                    progress.update(n)
-            if step % settings.eval_every == 0 or step == settings.steps:
-                train_time += time.perf_counter() - tick
-                last_eval = log_eval(step)
-                tick = time.perf_counter()
-            complete = step == settings.steps
-            if complete or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
-                checkpoint(step, complete)
-        if step < settings.steps:  # stopped early on request (stop_after): keep a checkpoint
-            checkpoint(step, False)
+                    norm_buffer[step % log_every] = norm.detach()
+                precision.step(optimizer)
+                precision.update()
+                loss_buffer[step % log_every] = loss.detach()
+                correct += (logits.detach().argmax(dim=1) == yb).sum()
+                state.extra["seen"] += len(yb)
+                state.step = step = step + 1
+                if step % log_every == 0 or step == settings.steps:
+                    check_finite(step)
+                    n = (step - 1) % log_every + 1
+                    stats = torch.stack(
+                        [loss_buffer[:n].sum(), correct.double(), norm_buffer[:n].sum()]
+                    ).double()
+                    seen = torch.tensor(float(state.extra["seen"]), device=device)
+                    if ctx.enabled:
+                        torch.distributed.all_reduce(stats)
+                        torch.distributed.all_reduce(seen)
+                    ranks = ctx.world_size
+                    mean_loss = stats[0].item() / (n * ranks)
+                    accuracy = stats[1].item() / max(1.0, seen.item())
+                    record = {
+                        "variant": variant,
+                        "step": step,
+                        "split": "train",
+                        "loss": mean_loss,
+                        "accuracy": accuracy,
+                        "lr": optimizer.param_groups[0]["lr"],
+                    }
+                    if settings.clip_grad_norm:
+                        record["grad_norm"] = stats[2].item() / (n * ranks)
+                    if run is not None:
+                        run.log(record)
+                    state.extra["last_train_loss"] = mean_loss
+                    correct.zero_()
+                    state.extra["seen"] = 0
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{mean_loss:.4f}",
+                            acc=f"{accuracy:.3f}",
+                            test_acc=f"{last_eval.get('accuracy', float('nan')):.4f}",
+                        )
+                        progress.update(n)
+                if step % settings.eval_every == 0 or step == settings.steps:
+                    clock["train"] += time.perf_counter() - clock["tick"]
+                    last_eval = log_eval(step)
+                    if hasattr(schedule, "observe") and state.extra["last_train_loss"] is not None:
+                        schedule.observe(state.extra["last_train_loss"])  # plateau: training loss
+                    clock["tick"] = time.perf_counter()
+                state.complete = step == settings.steps
+                if state.complete or (
+                    settings.checkpoint_every and step % settings.checkpoint_every == 0
+                ):
+                    checkpoint()
+                if guard.received and not ctx.enabled:
+                    raise StopRequested(guard.received, step, checkpoint())
+            if state.step < settings.steps:  # stopped early on request (stop_after)
+                checkpoint()
     finally:
         if progress is not None:
             progress.close()
-    train_time += time.perf_counter() - tick
-    result = {"step": step, "complete": step == settings.steps, "train_time_s": train_time}
+    clock["train"] += time.perf_counter() - clock["tick"]
+    result = {"step": state.step, "complete": state.complete, "train_time_s": clock["train"]}
     if last_eval:
         result["test_accuracy"] = last_eval["accuracy"]
         result["test_loss"] = last_eval["loss"]
