@@ -2,5 +2,15 @@
 
 from classicnets.models.mlp import MLP
 from classicnets.models.registry import create_model, list_models, model_entry, register_model
+from classicnets.models.resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["MLP", "create_model", "list_models", "model_entry", "register_model"]
+__all__ = [
+    "MLP",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "register_model",
+]
