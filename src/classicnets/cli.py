@@ -125,6 +125,7 @@ def cmd_resume(args) -> int:
 
 def cmd_eval(args) -> int:
     from classicnets.experiments import evaluate_run
+    from classicnets.metrics import format_confusion_matrix, plot_confusion_matrices
 
     results = evaluate_run(args.run_dir, device=args.device)
     if not results:
@@ -132,9 +133,15 @@ def cmd_eval(args) -> int:
         return EXIT_FAILED
     for variant, m in results.items():
         print(
-            f"{variant:<8} step {m['step']:>6}  test accuracy {_fmt_acc(m['accuracy'])}  "
-            f"test loss {m['loss']:.4f}"
+            f"{variant}: step {m['step']}, test accuracy {_fmt_acc(m['accuracy'])}, "
+            f"test loss {m['loss']:.4f}, macro F1 {m['macro_f1']:.4f}"
         )
+        print(format_confusion_matrix(m["confusion_matrix"], m["class_names"]))
+        plot = Path(args.run_dir) / "plots" / f"confusion_{variant}.png"
+        plot_confusion_matrices(
+            plot, m["confusion_matrix"], m["class_names"], title=f"{variant} (step {m['step']})"
+        )
+        print(f"confusion matrix plot: {plot}\n")
     return 0
 
 

@@ -11,7 +11,6 @@ normalization (and the learning rate, documented below) differs.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +20,13 @@ from classicnets.experiments.common import (
     Experiment,
     Stopwatch,
     TrainingOptions,
+    classifier_evaluation,
     load_image_data,
     train_settings,
 )
 from classicnets.models.mlp import MLP
 from classicnets.train.checkpoint import latest_checkpoint
 from classicnets.train.classifier import (
-    evaluate,
     load_model_weights,
     set_deterministic,
     train_classifier,
@@ -298,7 +297,7 @@ def write_plots(run_dir: RunDir) -> list:
 
 
 def evaluate_trained(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
-    """Test loss and accuracy of each variant's newest checkpoint."""
+    """Test metrics and confusion matrix of each variant's newest checkpoint."""
     data = load_image_data(config.dataset, config.data_dir, device, download=config.download)
     out: dict[str, Any] = {}
     for variant in config.variants:
@@ -308,13 +307,10 @@ def evaluate_trained(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu") 
         tensors, state, path = found
         model = build_model(config, variant).to(device)
         load_model_weights(model, tensors)
-        t0 = time.perf_counter()
-        metrics = evaluate(model, data.test_x, data.test_y)
         out[variant] = {
-            **metrics,
+            **classifier_evaluation(model, data, config.dataset),
             "step": state["step"],
             "checkpoint": str(path),
-            "eval_time_s": time.perf_counter() - t0,
         }
     return out
 

@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_run",
     "get_experiment",
     "list_experiments",
+    "classifier_evaluation",
     "load_image_data",
     "resolve_device",
     "resume_experiment",
@@ -107,6 +108,7 @@ class Experiment:
 # name -> module; modules are imported on first use so `classicnets list` stays fast.
 _MODULES = {
     "bn-mlp": "classicnets.experiments.bn_mlp",
+    "resnet-vs-mlp": "classicnets.experiments.resnet_vs_mlp",
 }
 EXPERIMENTS: dict[str, Experiment] = {}
 
@@ -241,6 +243,43 @@ def load_image_data(
         x = torch.from_numpy(images).to(device=device, dtype=torch.float32).div_(255.0)
         splits += [x.unsqueeze(1), torch.from_numpy(labels).to(device)]  # (N, 1, 28, 28), (N,)
     return ClassificationData(*splits)
+
+
+def classifier_evaluation(model, data, dataset: str, batch_size: int = 1000) -> dict[str, Any]:
+    """Accuracy, loss, confusion matrix and per-class metrics of ``model`` on the test split.
+
+    Returns a dict with ``accuracy``, ``loss``, ``confusion_matrix`` (int64 ``[K, K]``, rows =
+    true class), ``class_names``, ``macro_f1`` and ``per_class`` (precision, recall, F1, support).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from classicnets.data import CLASS_NAMES
+    from classicnets.data.batching import iterate_in_order
+    from classicnets.metrics import confusion_matrix, per_class_metrics
+
+    was_training = model.training
+    model.eval()
+    predictions, loss = [], 0.0
+    with torch.no_grad():
+        for sl in iterate_in_order(len(data.test_x), batch_size):
+            logits = model(data.test_x[sl])
+            loss += F.cross_entropy(logits, data.test_y[sl], reduction="sum").item()
+            predictions.append(logits.argmax(dim=1).cpu())
+    model.train(was_training)
+    names = CLASS_NAMES[dataset]
+    matrix = confusion_matrix(
+        data.test_y.cpu().numpy(), torch.cat(predictions).numpy(), num_classes=len(names)
+    )
+    metrics = per_class_metrics(matrix)
+    return {
+        "accuracy": metrics["accuracy"],
+        "loss": loss / len(data.test_x),
+        "confusion_matrix": matrix,
+        "class_names": list(names),
+        "macro_f1": metrics["macro_f1"],
+        "per_class": {k: metrics[k].tolist() for k in ("precision", "recall", "f1", "support")},
+    }
 
 
 class Stopwatch:

@@ -12,10 +12,12 @@ from classicnets.nn.batchnorm import (
     iter_bn_buffers,
     recalibrate_bn,
 )
+from classicnets.nn.layers import Dense
 
 __all__ = [
     "BNFreeze",
     "BatchNorm",
+    "Dense",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "fold_bn",

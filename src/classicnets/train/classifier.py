@@ -215,6 +215,7 @@ def train_classifier(
     variant: str = "model",
     eval_hooks: list[EvalHook] | None = None,
     resume: bool = False,
+    augment: Callable[[Tensor, int], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data.train_*`` with cross-entropy, evaluating on ``data.test_*``.
 
@@ -228,6 +229,8 @@ def train_classifier(
         eval_hooks: functions ``hook(model) -> dict`` called at every evaluation (model in eval
             mode); their results are logged with the test metrics.
         resume: continue from the newest valid checkpoint of ``variant`` if there is one.
+        augment: ``augment(batch, step) -> batch`` applied to each training batch; it must draw
+            its randomness from ``step`` (not a global generator) so that resume stays exact.
 
     Returns:
         ``{"step", "complete", "test_accuracy", "test_loss", "train_time_s"}``.
@@ -326,7 +329,10 @@ def train_classifier(
                 step = state.step
                 index = next(batches)[local]  # this process's slice of the global batch
                 schedule.apply(optimizer, step, batches.epoch)
-                xb = inputs_channels_last(data.train_x[index], settings.channels_last)
+                xb = data.train_x[index]
+                if augment is not None:
+                    xb = augment(xb, step)
+                xb = inputs_channels_last(xb, settings.channels_last)
                 yb = data.train_y[index]
                 train_model.train()
                 with precision.autocast():
