@@ -87,7 +87,7 @@ def test_python_m_run_eval_report(tmp_path, data_root):
     ev = subprocess.run(
         [*cmd, "eval", str(out), "--device", "cpu"], env=env, capture_output=True, text=True
     )
-    assert ev.returncode == 0 and "bn " in ev.stdout and "test accuracy" in ev.stdout
+    assert ev.returncode == 0 and "bn: step 60, test accuracy" in ev.stdout, ev.stderr
     combined = tmp_path / "both.html"
     rep = subprocess.run(
         [*cmd, "report", str(out), str(out), "-o", str(combined)],

@@ -4,6 +4,7 @@
     classicnets run EXPERIMENT [--set key=value ...] [--quick] [--device auto|cpu|cuda] [--out DIR]
     classicnets resume RUN_DIR [--device ...]
     classicnets eval RUN_DIR [--device ...]
+    classicnets sample RUN_DIR [--n N] [--label K] [--temperature T] [--prompt WORDS]
     classicnets report RUN_DIR [RUN_DIR ...] [-o FILE]
 
 Bad input (an unknown experiment, an unknown or ill-typed ``--set`` key, an unreadable path or
@@ -57,6 +58,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="metrics of a run's trained models on the test split")
     p.add_argument("run_dir")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("sample", help="generative models: an image grid; language models: text")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--label", type=int, default=None, help="class to generate (conditional)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    p.add_argument("--prompt", default=None, help="language models: words to continue")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", default=None, help="which model of the run (default: all)")
+    p.add_argument("--out", default=None, help="where to write an image grid")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("report", help="(re)write the HTML report of one or several runs")
@@ -145,6 +157,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from classicnets.experiments.common import ExperimentError, SampleRequest, sample_run
+
+    if args.n < 1:
+        raise ExperimentError(f"--n must be >= 1, got {args.n}")
+    if args.temperature <= 0:
+        raise ExperimentError(f"--temperature must be > 0, got {args.temperature}")
+    request = SampleRequest(
+        n=args.n,
+        label=args.label,
+        temperature=args.temperature,
+        prompt=args.prompt,
+        seed=args.seed,
+        variant=args.variant,
+        out=args.out,
+    )
+    print(sample_run(args.run_dir, request, device=args.device))
+    return 0
+
+
 def cmd_report(args) -> int:
     from classicnets.report import write_combined_report, write_report
 
@@ -168,6 +200,7 @@ COMMANDS = {
     "resume": cmd_resume,
     "eval": cmd_eval,
     "report": cmd_report,
+    "sample": cmd_sample,
 }
 
 

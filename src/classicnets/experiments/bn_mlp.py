@@ -20,14 +20,13 @@ from classicnets.experiments.common import (
     Experiment,
     Stopwatch,
     TrainingOptions,
-    classifier_evaluation,
+    evaluate_classifiers,
+    load_classifiers,
     load_image_data,
     train_settings,
 )
 from classicnets.models.mlp import MLP
-from classicnets.train.checkpoint import latest_checkpoint
 from classicnets.train.classifier import (
-    load_model_weights,
     set_deterministic,
     train_classifier,
 )
@@ -298,21 +297,12 @@ def write_plots(run_dir: RunDir) -> list:
 
 def evaluate_trained(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
     """Test metrics and confusion matrix of each variant's newest checkpoint."""
-    data = load_image_data(config.dataset, config.data_dir, device, download=config.download)
-    out: dict[str, Any] = {}
-    for variant in config.variants:
-        found = latest_checkpoint(run_dir.checkpoints, variant)
-        if found is None:
-            continue
-        tensors, state, path = found
-        model = build_model(config, variant).to(device)
-        load_model_weights(model, tensors)
-        out[variant] = {
-            **classifier_evaluation(model, data, config.dataset),
-            "step": state["step"],
-            "checkpoint": str(path),
-        }
-    return out
+    return evaluate_classifiers(build_model, config, run_dir, config.variants, device)
+
+
+def load_models(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Each variant's newest checkpoint as a ``TrainedModel`` (for export)."""
+    return load_classifiers(build_model, config, run_dir, config.variants, device)
 
 
 EXPERIMENT = Experiment(
@@ -321,4 +311,5 @@ EXPERIMENT = Experiment(
     config_cls=BNMLPConfig,
     run=run,
     evaluate=evaluate_trained,
+    load_models=load_models,
 )

@@ -30,7 +30,13 @@ __all__ = [
     "EXPERIMENTS",
     "Experiment",
     "ExperimentError",
+    "SampleRequest",
+    "TrainedModel",
     "TrainingOptions",
+    "evaluate_classifiers",
+    "load_classifiers",
+    "load_trained_models",
+    "sample_run",
     "evaluate_run",
     "get_experiment",
     "list_experiments",
@@ -98,11 +104,59 @@ def train_settings(config, **overrides):
 
 @dataclass(frozen=True)
 class Experiment:
+    """A named recipe.
+
+    Attributes:
+        name, description: for ``classicnets list``.
+        config_cls: the config dataclass (``quick()`` gives the quick variant).
+        run: ``run(config, run_dir, device, resume) -> summary``.
+        evaluate: ``evaluate(config, run_dir, device) -> {variant: metrics}``.
+        load_models: ``load_models(config, run_dir, device) -> {variant: TrainedModel}``, the
+            trained models in eval mode with what an exporter needs to know about them.
+        sample: ``sample(config, run_dir, device, request: SampleRequest) -> str`` for
+            generative and language models (a message or the generated text), else None.
+    """
+
     name: str
     description: str
     config_cls: type
     run: Callable[..., dict[str, Any]]
     evaluate: Callable[..., dict[str, Any]]
+    load_models: Callable[..., dict[str, TrainedModel]] | None = None
+    sample: Callable[..., str] | None = None
+
+
+@dataclass
+class TrainedModel:
+    """A trained model from a run folder, in eval mode, and how to feed it.
+
+    Attributes:
+        model: the ``nn.Module`` (eval mode, on the requested device).
+        step: the training step of its checkpoint.
+        checkpoint: the checkpoint's path.
+        info: JSON-ready description for exporters: ``kind`` ("classifier", "autoencoder",
+            "generator", "language_model"), ``input_shape`` (one example, no batch axis),
+            ``input_dtype``, ``preprocessing`` (e.g. "uint8 image / 255"), ``class_names`` or
+            ``vocabulary`` where they apply.
+    """
+
+    model: Any
+    step: int
+    checkpoint: str
+    info: dict[str, Any]
+
+
+@dataclass
+class SampleRequest:
+    """What ``classicnets sample`` asks for."""
+
+    n: int = 16
+    label: int | None = None
+    temperature: float = 1.0
+    prompt: str | None = None
+    seed: int = 0
+    variant: str | None = None
+    out: str | None = None
 
 
 # name -> module; modules are imported on first use so `classicnets list` stays fast.
@@ -217,6 +271,73 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
         return experiment.run(config, run, device=ctx.device, resume=True)
     finally:
         shutdown()
+
+
+def load_trained_models(run_dir: str | Path, device: str = "auto") -> dict[str, TrainedModel]:
+    """The trained models of a run (newest checkpoint of each variant), in eval mode."""
+    experiment, config, run, _ = _load(run_dir)
+    if experiment.load_models is None:
+        raise ExperimentError(f"experiment {experiment.name!r} has no exportable models")
+    models = experiment.load_models(config, run, device=resolve_device(device))
+    if not models:
+        raise RunError(f"{run.checkpoints}: no checkpoint to load (has the run started?)")
+    return models
+
+
+def sample_run(run_dir: str | Path, request: SampleRequest, device: str = "auto") -> str:
+    """Samples from a run's generative or language model; returns what to print."""
+    experiment, config, run, _ = _load(run_dir)
+    if experiment.sample is None:
+        raise ExperimentError(
+            f"experiment {experiment.name!r} trains classifiers; 'sample' is for generative "
+            f"and language models"
+        )
+    return experiment.sample(config, run, device=resolve_device(device), request=request)
+
+
+def load_classifiers(experiment_build, config, run_dir: RunDir, variants, device: str):
+    """``load_models`` for the MNIST classifier experiments: newest checkpoint per variant."""
+    from classicnets.data import CLASS_NAMES
+    from classicnets.train.checkpoint import latest_checkpoint
+    from classicnets.train.classifier import load_model_weights
+
+    out = {}
+    for variant in variants:
+        found = latest_checkpoint(run_dir.checkpoints, variant)
+        if found is None:
+            continue
+        tensors, state, path = found
+        model = experiment_build(config, variant).to(device)
+        load_model_weights(model, tensors)
+        out[variant] = TrainedModel(
+            model.eval(),
+            int(state["step"]),
+            str(path),
+            {
+                "kind": "classifier",
+                "input_shape": [1, 28, 28],
+                "input_dtype": "float32",
+                "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+                "class_names": list(CLASS_NAMES[config.dataset]),
+                "dataset": config.dataset,
+            },
+        )
+    return out
+
+
+def evaluate_classifiers(experiment_build, config, run_dir: RunDir, variants, device: str):
+    """``evaluate`` for the MNIST classifier experiments: test metrics and confusion matrix."""
+    data = load_image_data(config.dataset, config.data_dir, device, download=config.download)
+    out = {}
+    for variant, trained in load_classifiers(
+        experiment_build, config, run_dir, variants, device
+    ).items():
+        out[variant] = {
+            **classifier_evaluation(trained.model, data, config.dataset),
+            "step": trained.step,
+            "checkpoint": trained.checkpoint,
+        }
+    return out
 
 
 def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:

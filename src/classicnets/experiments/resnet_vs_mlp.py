@@ -19,12 +19,13 @@ from classicnets.experiments.common import (
     Stopwatch,
     TrainingOptions,
     classifier_evaluation,
+    evaluate_classifiers,
+    load_classifiers,
     load_image_data,
     train_settings,
 )
 from classicnets.models import MLP, create_model, model_entry
-from classicnets.train.checkpoint import latest_checkpoint
-from classicnets.train.classifier import load_model_weights, set_deterministic, train_classifier
+from classicnets.train.classifier import set_deterministic, train_classifier
 from classicnets.train.run import RunDir
 
 __all__ = ["EXPERIMENT", "ResNetVsMLPConfig", "build_model", "run"]
@@ -232,22 +233,13 @@ def write_plots(run_dir: RunDir) -> None:
 
 
 def evaluate_trained(config: ResNetVsMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
-    """Test metrics and confusion matrix of each model's newest checkpoint."""
-    data = load_image_data(config.dataset, config.data_dir, device, download=config.download)
-    out: dict[str, Any] = {}
-    for variant in config.variants:
-        found = latest_checkpoint(run_dir.checkpoints, variant)
-        if found is None:
-            continue
-        tensors, state, path = found
-        model = build_model(config, variant).to(device)
-        load_model_weights(model, tensors)
-        out[variant] = {
-            **classifier_evaluation(model, data, config.dataset),
-            "step": state["step"],
-            "checkpoint": str(path),
-        }
-    return out
+    """Test metrics and confusion matrix of each variant's newest checkpoint."""
+    return evaluate_classifiers(build_model, config, run_dir, config.variants, device)
+
+
+def load_models(config: ResNetVsMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Each variant's newest checkpoint as a ``TrainedModel`` (for export)."""
+    return load_classifiers(build_model, config, run_dir, config.variants, device)
 
 
 EXPERIMENT = Experiment(
@@ -256,4 +248,5 @@ EXPERIMENT = Experiment(
     config_cls=ResNetVsMLPConfig,
     run=run,
     evaluate=evaluate_trained,
+    load_models=load_models,
 )
