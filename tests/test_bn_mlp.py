@@ -74,15 +74,14 @@ def test_eval_matches_logged_final_accuracy(full_run):
         assert results[variant]["accuracy"] == summary["variants"][variant]["test_accuracy"]
 
 
-@pytest.mark.parametrize("drop_newest_checkpoint", [False, True])
-def test_stopped_and_resumed_run_is_bit_identical(
-    full_run, tmp_path, data_root, drop_newest_checkpoint
-):
+@pytest.mark.parametrize("drop", ["none", "newest", "all"])
+def test_stopped_and_resumed_run_is_bit_identical(full_run, tmp_path, data_root, drop):
     """Stop at step 50 (not a multiple of the log/eval/checkpoint intervals), resume, compare.
 
-    With ``drop_newest_checkpoint`` the checkpoint of step 50 is deleted, as if the process had
-    been killed between step 40's checkpoint and step 50: the resumed run starts at step 40 and
-    must rewrite the metrics logged after it identically.
+    ``drop="newest"`` deletes the checkpoint of step 50, as if the process had been killed
+    between step 40's checkpoint and step 50: the resumed run starts at step 40 and must rewrite
+    the metrics logged after it identically. ``drop="all"`` deletes every checkpoint, as if
+    killed before the first one: the variant starts over without duplicating its records.
     """
     full_dir, _ = full_run
     out = tmp_path / "stopped"
@@ -94,9 +93,9 @@ def test_stopped_and_resumed_run_is_bit_identical(
         out=out,
     )
     assert RunDir(out).read_summary()["status"] == "stopped"
-    if drop_newest_checkpoint:
-        step, path = list_checkpoints(out / "checkpoints", "plain")[-1]
-        assert step == 50
+    checkpoints = list_checkpoints(out / "checkpoints", "plain")
+    assert checkpoints[-1][0] == 50
+    for _, path in {"none": [], "newest": checkpoints[-1:], "all": checkpoints}[drop]:
         path.unlink()
         path.with_suffix(".safetensors").unlink()
     # The resumed run must not stop again: clear stop_after in the saved config.

@@ -6,6 +6,8 @@
     classicnets eval RUN_DIR [--device ...]
     classicnets sample RUN_DIR [--n N] [--label K] [--temperature T] [--prompt WORDS]
     classicnets report RUN_DIR [RUN_DIR ...] [-o FILE]
+    classicnets export RUN_DIR --format onnx|numpy [--fold-bn] [--variant V] [--out DIR]
+    classicnets predict BUNDLE INPUT [--top K] [--out PNG] [--label K] [--n N]   (no torch)
 
 Bad input (an unknown experiment, an unknown or ill-typed ``--set`` key, an unreadable path or
 data file) gives a one-line message on stderr and exit code 2, never a traceback. Torch is
@@ -74,6 +76,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write the HTML report of one or several runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default=None, help="write a combined report to this file")
+
+    p = sub.add_parser("export", help="export a run's models: NumPy bundle or ONNX, checked")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=("numpy", "onnx"))
+    p.add_argument("--fold-bn", action="store_true", help="fold BN into the preceding layer")
+    p.add_argument("--variant", default=None, help="which model of the run (default: all)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+
+    p = sub.add_parser("predict", help="run an exported NumPy bundle (imports no torch)")
+    p.add_argument("bundle", help="bundle folder (or its manifest.json)")
+    p.add_argument("input", help="PNG/.npy image, text or .txt file, or a generator's seed")
+    p.add_argument("--top", type=int, default=5, help="classes or next words to list")
+    p.add_argument("--out", default=None, help="where to write an output image (PNG)")
+    p.add_argument("--label", type=int, default=None, help="class for conditional models")
+    p.add_argument("--n", type=int, default=None, help="generators: images to draw")
     return parser
 
 
@@ -82,11 +99,28 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from classicnets.data.sources import DataError
     from classicnets.experiments.common import ExperimentError
     from classicnets.experiments.config import ConfigError
+    from classicnets.export import ExportError
     from classicnets.report.html import ReportError
     from classicnets.train.checkpoint import CheckpointError
     from classicnets.train.run import RunError
 
-    return (DataError, ConfigError, ExperimentError, RunError, ReportError, CheckpointError)
+    return (
+        DataError,
+        ConfigError,
+        ExperimentError,
+        RunError,
+        ReportError,
+        CheckpointError,
+        ExportError,
+    )
+
+
+def _predict_errors() -> tuple[type[BaseException], ...]:
+    """``predict`` runs where torch is not installed: the errors of its NumPy-only modules."""
+    from classicnets.data.sources import DataError
+    from classicnets.export import ExportError
+
+    return (DataError, ExportError)
 
 
 def _fmt_acc(value) -> str:
@@ -106,12 +140,19 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _headline(values: dict) -> str:
+    """The main figure of a variant: accuracy for classifiers, else its first test metric."""
+    if values.get("test_accuracy") is not None:
+        return f"test accuracy {_fmt_acc(values['test_accuracy'])}"
+    for key, value in values.items():
+        if key.startswith("test_") and isinstance(value, (int, float)):
+            return f"{key.replace('_', ' ')} {value:.4g}"
+    return f"status {values.get('status', 'n/a')}"
+
+
 def _print_summary(run_dir: Path, summary: dict) -> None:
     for variant, values in summary.get("variants", {}).items():
-        print(
-            f"  {variant:<8} test accuracy {_fmt_acc(values.get('test_accuracy'))} "
-            f"after {values.get('steps')} steps"
-        )
+        print(f"  {variant:<10} {_headline(values)} after {values.get('steps')} steps")
     print(f"status: {summary.get('status')}, wall time {summary.get('wall_time_s', 0):.1f} s")
     print(f"run folder: {run_dir}")
     print(f"report: {run_dir / 'report.html'}")
@@ -144,6 +185,12 @@ def cmd_eval(args) -> int:
         print(f"{args.run_dir}: no checkpoint to evaluate", file=sys.stderr)
         return EXIT_FAILED
     for variant, m in results.items():
+        if "confusion_matrix" not in m:  # generative and language models: their own metrics
+            figures = ", ".join(
+                f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float) and k != "step"
+            )
+            print(f"{variant}: step {m.get('step')}, {figures}")
+            continue
         print(
             f"{variant}: step {m['step']}, test accuracy {_fmt_acc(m['accuracy'])}, "
             f"test loss {m['loss']:.4f}, macro F1 {m['macro_f1']:.4f}"
@@ -194,6 +241,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from classicnets.export import export_run
+
+    for report in export_run(args.run_dir, args.format, args.fold_bn, args.variant, args.out):
+        print(report.summary())
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from classicnets.export.predict import PredictRequest, predict
+
+    request = PredictRequest(args.input, args.top, args.out, args.label, args.n)
+    print(predict(args.bundle, request))
+    return 0
+
+
 COMMANDS = {
     "list": cmd_list,
     "run": cmd_run,
@@ -201,13 +264,15 @@ COMMANDS = {
     "eval": cmd_eval,
     "report": cmd_report,
     "sample": cmd_sample,
+    "export": cmd_export,
+    "predict": cmd_predict,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``classicnets`` command; returns the exit code."""
     args = _build_parser().parse_args(argv)
-    known = _known_errors()
+    known = _predict_errors() if args.command == "predict" else _known_errors()
     try:
         return COMMANDS[args.command](args)
     except known as exc:
@@ -217,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print("classicnets: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        if args.command == "predict":  # its errors come from NumPy code; torch may be absent
+            raise
         from classicnets.train.classifier import NonFiniteLossError
         from classicnets.train.faults import StopRequested
 

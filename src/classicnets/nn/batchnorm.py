@@ -433,9 +433,11 @@ def _producer_pairs_fx(model: nn.Module) -> list[tuple[str, str]] | None:
     import torch.fx
 
     class _Tracer(torch.fx.Tracer):
-        # Keep every BN (ours included, whose input checks cannot be traced) as one leaf node.
+        # Keep every BN (ours included, whose input checks cannot be traced) and every foldable
+        # layer (subclasses too, e.g. ConvTranspose2dExact) as one leaf node.
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_batchnorm(m) or super().is_leaf_module(m, qualname)
+            foldable = is_batchnorm(m) or isinstance(m, _FOLDABLE)
+            return foldable or super().is_leaf_module(m, qualname)
 
     try:
         graph = _Tracer().trace(model)

@@ -258,11 +258,12 @@ def train_classifier(
     }
     state.extra = {"correct": 0, "seen": 0, "train_time_s": 0.0, "last_train_loss": None}
     if resume and run is not None:
-        if state.resume(run.checkpoints, variant) is not None:
+        found = state.resume(run.checkpoints, variant)
+        if found is not None:
             state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
         # The resumed run writes again, identically, whatever was logged after the checkpoint
-        # (everything of this variant if it never reached a checkpoint).
-        resumed_at = state.step
+        # (everything of this variant, step 0 included, if it never reached a checkpoint).
+        resumed_at = state.step if found is not None else -1
         if ctx.is_main:
             run.truncate_metrics(
                 lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= resumed_at
