@@ -12,13 +12,15 @@ from classicnets.nn.batchnorm import (
     iter_bn_buffers,
     recalibrate_bn,
 )
-from classicnets.nn.layers import Dense
+from classicnets.nn.layers import ConvTranspose2dExact, Dense, Upsample
 
 __all__ = [
     "BNFreeze",
     "BatchNorm",
+    "ConvTranspose2dExact",
     "Dense",
     "SyncBatchNorm",
+    "Upsample",
     "convert_sync_batchnorm",
     "fold_bn",
     "freeze_bn",

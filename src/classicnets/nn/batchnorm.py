@@ -516,6 +516,12 @@ def fold_bn(model: nn.Module) -> nn.Module:
     ``nn.Identity``. Computed in float64, stored in the layer's dtype. BN layers that cannot be
     folded stay (in inference mode). The original model is untouched.
 
+    A ``Linear`` followed by a BN with ``axis=1`` (or ``torch.nn.BatchNorm1d``) is folded on the
+    assumption that the Linear's input is ``[N, F]``, the MLP case: the BN then normalizes the
+    Linear's output features. For a ``[N, L, F]`` input such a BN normalizes ``L`` instead and
+    must not be folded; the module structure cannot tell the two apart, so use ``axis=-1`` for
+    BN over a Linear's features on sequences.
+
     Raises:
         ValueError: if ``model`` is in training mode (its BN layers would use batch statistics,
             which no folded weight can reproduce): call ``model.eval()`` first.

@@ -1,0 +1,418 @@
+"""``conv-ae``: a convolutional autoencoder on MNIST, one variant per upsampling method.
+
+The encoder goes 28 -> 14 -> 7 -> 4 by 3x3 stride-2 convolutions; the decoder comes back
+4 -> 7 -> 14 -> 28, every step built from the size it must produce
+(``models.autoencoder.ConvAutoencoder``), so nothing is cropped. The variants differ only in how
+the decoder upsamples:
+
+- ``transpose``: ``ConvTranspose2dExact``, a learned 3x3 stride-2 transposed convolution;
+- ``nearest``: nearest-neighbour upsampling to the exact size, then a 3x3 convolution;
+- ``unpool``: average unpooling (the adjoint of average pooling) to the exact size, then a 3x3
+  convolution;
+- ``bilinear`` (not run by default): bilinear upsampling, then a 3x3 convolution.
+
+All variants start from the same seed and see the same batches in the same order. The report has
+the test reconstruction error (per pixel: squared error and Bernoulli cross-entropy) of each, the
+test curves, and a grid of test digits with each variant's reconstruction under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from classicnets.experiments.common import (
+    Experiment,
+    ExperimentError,
+    SampleRequest,
+    Stopwatch,
+    TrainedModel,
+    TrainingOptions,
+    load_image_data,
+    train_settings,
+)
+from classicnets.models.autoencoder import UPSAMPLING, ConvAutoencoder
+from classicnets.train.autoencoder import (
+    RECONSTRUCTION_LOSSES,
+    evaluate_reconstruction,
+    train_autoencoder,
+)
+from classicnets.train.classifier import ClassificationData, set_deterministic
+from classicnets.train.run import RunDir, RunError
+
+__all__ = ["EXPERIMENT", "ConvAEConfig", "build_model", "reconstruction_grid", "run"]
+
+VARIANTS = UPSAMPLING  # transpose, nearest, bilinear, unpool
+NAMES = {
+    "transpose": "transposed conv",
+    "nearest": "nearest + conv",
+    "bilinear": "bilinear + conv",
+    "unpool": "unpool + conv",
+}
+
+
+@dataclass
+class ConvAEConfig(TrainingOptions):
+    """Configuration of ``conv-ae``; shared training switches from ``TrainingOptions``."""
+
+    dataset: str = "mnist"  # "mnist" or "fashion-mnist"
+    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
+    download: bool = True  # download missing data files (sha256-verified) into the data root
+    variants: tuple[str, ...] = ("transpose", "nearest", "unpool")  # any of VARIANTS
+    channels: tuple[int, ...] = (16, 32, 16)  # after each stride-2 conv; code 16 x 4 x 4 = 256
+    kernel_size: int = 3
+    norm: str = "batchnorm"  # "batchnorm" or "none"
+    loss: str = "bce"  # "bce" (Bernoulli cross-entropy) or "mse"; summed over pixels
+    epochs: int = 3  # the same budget for every variant
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0  # SGD only
+    eval_every: int = 500  # test reconstruction error every this many steps (and at the end)
+    log_every: int = 50
+    checkpoint_every: int = 500
+    seed: int = 0
+    train_limit: int | None = None  # use only the first N training images (quick runs)
+    test_limit: int | None = None  # evaluate on the first N test images only (quick runs)
+    grid_images: int = 10  # test images in the reconstruction grid
+    progress: bool = True
+    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
+
+    @classmethod
+    def quick(cls) -> ConvAEConfig:
+        """Seconds on a 2-core CPU: narrow models, 20 steps each on 1,280 images."""
+        return cls(
+            channels=(4, 8, 4),
+            epochs=1,
+            batch_size=64,
+            train_limit=1280,
+            test_limit=500,
+            eval_every=10,
+            log_every=5,
+            checkpoint_every=10,
+            grid_images=8,
+        )
+
+    def validate(self) -> None:
+        self.validate_training()
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ValueError(
+                f"variants must be distinct names from {', '.join(VARIANTS)}, got "
+                f"{','.join(self.variants) or 'nothing'}"
+            )
+        if self.dataset not in ("mnist", "fashion-mnist"):
+            raise ValueError(f"dataset must be mnist or fashion-mnist, got {self.dataset!r}")
+        if self.norm not in ("batchnorm", "none"):
+            raise ValueError(f"norm must be batchnorm or none, got {self.norm!r}")
+        if self.loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(RECONSTRUCTION_LOSSES)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"channels must be positive, got {self.channels}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        for name in ("epochs", "batch_size", "eval_every", "log_every", "grid_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def build_model(config: ConvAEConfig, variant: str) -> ConvAutoencoder:
+    return ConvAutoencoder(
+        upsampling=variant,
+        channels=config.channels,
+        kernel_size=config.kernel_size,
+        norm_layer=config.norm,
+    )
+
+
+def _data(config: ConvAEConfig, device: str) -> ClassificationData:
+    data = load_image_data(
+        config.dataset, config.data_dir, device, config.train_limit, config.download
+    )
+    if config.test_limit is not None:
+        data.test_x, data.test_y = (
+            data.test_x[: config.test_limit],
+            data.test_y[: config.test_limit],
+        )
+    return data
+
+
+def run(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
+    """Train the variants, then write plots, the reconstruction grid, summary and report."""
+    config.validate()
+    clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
+    set_deterministic(config.deterministic)
+    data = _data(config, device)
+    steps = config.epochs * (len(data.train_x) // config.batch_size)
+    results: dict[str, Any] = {}
+    models: dict[str, ConvAutoencoder] = {}
+    for variant in config.variants:
+        torch.manual_seed(config.seed)  # the same initialization stream for every variant
+        model = build_model(config, variant).to(device)
+        settings = train_settings(config, steps=steps)
+        results[variant] = train_autoencoder(
+            model, data, settings, run_dir, variant, loss=config.loss, resume=resume
+        )
+        results[variant]["parameters"] = sum(p.numel() for p in model.parameters())
+        models[variant] = model
+        if not results[variant]["complete"]:
+            break  # stopped on request: the next variant starts when the run is resumed
+    summary = _summary(config, results, clock.elapsed(), device, steps)
+    run_dir.write_summary(summary)
+    write_plots(run_dir)
+    reconstruction_grid(
+        run_dir.plots / "reconstructions.png",
+        data.test_x[: config.grid_images],
+        {v: _reconstruct(m, data.test_x[: config.grid_images]) for v, m in models.items()},
+        title=f"test images (top) and their reconstructions ({config.dataset})",
+    )
+    from classicnets.report import write_report
+
+    write_report(run_dir.path)
+    return summary
+
+
+def _summary(config, results, wall_time, device, steps) -> dict[str, Any]:
+    complete = all(results.get(v, {}).get("complete") for v in config.variants)
+    variants = {
+        variant: {
+            "test_mse_per_pixel": r.get("test_mse"),
+            "test_bce_per_pixel": r.get("test_bce"),
+            "test_loss": r.get("test_loss"),
+            "steps": r["step"],
+            "parameters": r["parameters"],
+            "train_time_s": r.get("train_time_s"),
+        }
+        for variant, r in results.items()
+    }
+    code = config.channels[-1] * 4 * 4
+    notes = [
+        f"Encoder 28-14-7-4 (channels {','.join(map(str, config.channels))}, code of {code} "
+        f"numbers), decoder 4-7-14-28 by exact output size; norm {config.norm}; "
+        f"{config.epochs} epoch(s) = {steps} steps of batch {config.batch_size}, "
+        f"{config.optimizer} lr {config.lr}; device {device}.",
+        f"Training loss: {config.loss}, summed over the 784 pixels and averaged over the batch "
+        f"(test_loss, per image). test_mse_per_pixel and test_bce_per_pixel (nats) are means "
+        f"over pixels and test images"
+        + (f" (the first {config.test_limit})." if config.test_limit else "."),
+    ]
+    return {
+        "title": "conv-ae: convolutional autoencoder, decoder upsampling by output size",
+        "status": "complete" if complete else "stopped",
+        "wall_time_s": wall_time,
+        "variants": variants,
+        "notes": notes,
+    }
+
+
+@torch.no_grad()
+def _reconstruct(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = model(x)
+    model.train(was_training)
+    return out
+
+
+def reconstruction_grid(
+    path: str | Path,
+    originals: torch.Tensor,
+    reconstructions: dict[str, torch.Tensor],
+    title: str = "",
+    columns: int = 16,
+) -> Path:
+    """One PNG: a row of originals and under it one row of reconstructions per model.
+
+    Args:
+        path: the PNG to write (atomically; its folder is created).
+        originals: ``[n, 1, H, W]`` intensities in [0, 1].
+        reconstructions: row label -> ``[n, 1, H, W]`` intensities.
+        title: title above the grid.
+        columns: images per row; more images wrap into further blocks of rows.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from classicnets.report.plots import save_figure
+
+    n, _, h, w = originals.shape
+    columns = max(1, min(columns, n))
+    rows: list[tuple[str, np.ndarray]] = []
+    for start in range(0, n, columns):
+        chunk = slice(start, min(start + columns, n))
+        rows.append(("original", originals[chunk, 0].float().cpu().numpy()))
+        for name, images in reconstructions.items():
+            rows.append((NAMES.get(name, name), images[chunk, 0].float().cpu().numpy()))
+    gap = 2
+    canvas = np.ones((len(rows) * (h + gap) - gap, columns * (w + gap) - gap))  # white gaps
+    for r, (_, images) in enumerate(rows):
+        for c, image in enumerate(images):
+            canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = image
+    scale = 0.6 / h  # inches per pixel: a 28x28 image is 0.6 inch wide
+    width, height = canvas.shape[1] * scale, canvas.shape[0] * scale  # of the grid, inches
+    margin_left, margin_top, margin_bottom = 1.4, 0.5, 0.1  # row labels, title
+    fig = Figure(figsize=(width + margin_left + 0.1, height + margin_top + margin_bottom))
+    fig_w, fig_h = fig.get_figwidth(), fig.get_figheight()
+    ax = fig.add_axes((margin_left / fig_w, margin_bottom / fig_h, width / fig_w, height / fig_h))
+    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * (h + gap) + h / 2 for r in range(len(rows))])
+    ax.set_yticklabels([name for name, _ in rows], fontsize=9)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.1 / fig_h, va="top")
+    return save_figure(fig, path)
+
+
+def _test_curves(run_dir: RunDir) -> dict[str, list[dict]]:
+    curves: dict[str, list[dict]] = {}
+    for r in run_dir.read_metrics():
+        if r.get("split") == "test":
+            curves.setdefault(r["variant"], []).append(r)
+    return curves
+
+
+def write_plots(run_dir: RunDir) -> list:
+    """Test reconstruction error (squared error per pixel) and training loss against steps."""
+    from classicnets.report import line_plot
+
+    curves = _test_curves(run_dir)
+    if not curves:
+        return []
+    written = [
+        line_plot(
+            run_dir.plots / "test_reconstruction_error.png",
+            {
+                NAMES.get(v, v): ([r["step"] for r in rs], [r["mse"] for r in rs])
+                for v, rs in curves.items()
+            },
+            xlabel="training step",
+            ylabel="squared error per pixel",
+            title="test reconstruction error",
+            logy=True,
+        )
+    ]
+    train: dict[str, tuple[list, list]] = {}
+    for r in run_dir.read_metrics():
+        if r.get("split") == "train":
+            xs, ys = train.setdefault(NAMES.get(r["variant"], r["variant"]), ([], []))
+            xs.append(r["step"])
+            ys.append(r["loss"])
+    if train:
+        written.append(
+            line_plot(
+                run_dir.plots / "train_loss.png",
+                train,
+                xlabel="training step",
+                ylabel="reconstruction loss per image",
+                title="training loss",
+                logy=True,
+            )
+        )
+    return written
+
+
+def load_models(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Each variant's newest checkpoint as a ``TrainedModel`` (eval mode)."""
+    from classicnets.train.checkpoint import latest_checkpoint
+    from classicnets.train.classifier import load_model_weights
+
+    out = {}
+    for variant in config.variants:
+        found = latest_checkpoint(run_dir.checkpoints, variant)
+        if found is None:
+            continue
+        tensors, state, path = found
+        model = build_model(config, variant).to(device)
+        load_model_weights(model, tensors)
+        out[variant] = TrainedModel(
+            model.eval(),
+            int(state["step"]),
+            str(path),
+            {
+                "kind": "autoencoder",
+                "input_shape": [1, 28, 28],
+                "output_shape": [1, 28, 28],
+                "input_dtype": "float32",
+                "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+                "output": "reconstructed intensities in (0, 1) (sigmoid), shape [N, 1, 28, 28]",
+                "upsampling": variant,
+                "dataset": config.dataset,
+            },
+        )
+    return out
+
+
+def evaluate_trained(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Test reconstruction errors of each variant's newest checkpoint."""
+    data = _data(config, device)
+    return {
+        variant: {
+            **evaluate_reconstruction(trained.model, data.test_x, config.loss),
+            "step": trained.step,
+            "checkpoint": trained.checkpoint,
+        }
+        for variant, trained in load_models(config, run_dir, device).items()
+    }
+
+
+def sample(
+    config: ConvAEConfig, run_dir: RunDir, device: str = "cpu", request: SampleRequest | None = None
+) -> str:
+    """Write a reconstruction grid of ``request.n`` test images (drawn with ``request.seed``,
+    of digit ``request.label`` if given) to ``request.out`` or ``plots/``; return a message."""
+    from classicnets.data import load_mnist
+
+    request = request or SampleRequest()
+    models = load_models(config, run_dir, device)
+    if not models:
+        raise RunError(f"{run_dir.checkpoints}: no checkpoint to load (has the run started?)")
+    if request.variant is not None:
+        if request.variant not in models:
+            raise ExperimentError(
+                f"--variant {request.variant!r}: this run has {', '.join(models)}"
+            )
+        models = {request.variant: models[request.variant]}
+    images, labels = load_mnist("test", config.dataset, config.data_dir, config.download)
+    candidates = torch.arange(len(labels))
+    if request.label is not None:
+        if not 0 <= request.label <= 9:
+            raise ExperimentError(f"--label must be a class 0..9, got {request.label}")
+        candidates = candidates[torch.from_numpy(labels) == request.label]
+    generator = torch.Generator().manual_seed(request.seed)
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[: request.n]]
+    x = torch.from_numpy(images[chosen.numpy()]).to(device=device, dtype=torch.float32)
+    x = x.div_(255.0).unsqueeze(1)  # (n, 1, 28, 28)
+    label = "" if request.label is None else f"_label{request.label}"
+    out = (
+        Path(request.out)
+        if request.out
+        else run_dir.plots / (f"sample_reconstructions_seed{request.seed}{label}.png")
+    )
+    steps = ", ".join(f"{v} step {t.step}" for v, t in models.items())
+    reconstruction_grid(
+        out,
+        x,
+        {v: _reconstruct(t.model, x) for v, t in models.items()},
+        title=f"{len(x)} test images (seed {request.seed}) and reconstructions ({steps})",
+    )
+    return f"reconstruction grid of {len(x)} test images ({', '.join(models)}): {out}"
+
+
+EXPERIMENT = Experiment(
+    name="conv-ae",
+    description="convolutional autoencoder on MNIST, 28-14-7-4 and back by exact output size; "
+    "transposed conv vs nearest vs average-unpooling upsampling",
+    config_cls=ConvAEConfig,
+    run=run,
+    evaluate=evaluate_trained,
+    load_models=load_models,
+    sample=sample,
+)
