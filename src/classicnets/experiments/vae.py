@@ -1,0 +1,683 @@
+"""``vae``: VAE and conditional VAE on MNIST, cross-entropy against squared-error reconstruction.
+
+The source blog's models (``models.vae``: 784-128-64, latent 32, dropout, softplus scale), each
+trained with Adam on the same batches from the same initialization seed:
+
+    vae-bce    VAE, Bernoulli cross-entropy reconstruction (the negative ELBO in nats)
+    vae-mse    VAE, squared-error reconstruction
+    cvae-bce   conditional VAE (one-hot digit into encoder and decoder), cross-entropy
+    cvae-mse   conditional VAE, squared error
+
+The report has, per variant: the test negative ELBO in nats (cross-entropy variants: one seeded
+sample of z per test image, analytic KL, independent of the evaluation batch size, see
+``train.vae.evaluate_vae``), the test objective for the squared-error variants, a reconstruction
+grid, a prior-sample grid (one row per digit for the CVAEs), the Frechet distance between
+samples and test images in a scoring classifier's feature space and, for the CVAEs, the fraction
+of samples the classifier recognises as the digit asked for, with its confusion matrix
+(``metrics.generative``).
+
+Every grid cell is reproducible from the seed saved beside the PNG (``grid.json``): the latent
+of cell/column ``i`` is ``latent_draw(seed, i, latent_size)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from classicnets.experiments.common import (
+    Experiment,
+    ExperimentError,
+    SampleRequest,
+    Stopwatch,
+    TrainedModel,
+    TrainingOptions,
+    load_image_data,
+    train_settings,
+)
+from classicnets.models.vae import VAE
+from classicnets.train.classifier import set_deterministic
+from classicnets.train.run import RunDir
+from classicnets.train.vae import evaluate_vae, train_vae
+
+__all__ = [
+    "EXPERIMENT",
+    "VAEConfig",
+    "build_model",
+    "latent_draw",
+    "run",
+    "sample",
+    "save_image_grid",
+]
+
+VARIANTS = ("vae-bce", "vae-mse", "cvae-bce", "cvae-mse")
+DIGITS = tuple(range(10))
+
+
+@dataclass
+class VAEConfig(TrainingOptions):
+    """Configuration of ``vae``; shared training switches from ``TrainingOptions``."""
+
+    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
+    download: bool = True
+    variants: tuple[str, ...] = VARIANTS  # any of vae-bce, vae-mse, cvae-bce, cvae-mse
+    hidden_sizes: tuple[int, ...] = (128, 64)  # encoder widths; the decoder mirrors them
+    latent_size: int = 32
+    dropout: float = 0.0  # after each encoder hidden layer (the blog's dropout; see the notes)
+    decoder_dropout: float = 0.0  # after each decoder hidden layer
+    activation: str = "relu"
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    schedule: str = "cosine"  # to 0 at the last step
+    # KL annealing: the KL weight rises linearly to 1 over this many epochs (0: none). It buys
+    # the VAE ~5 nats of ELBO; in a CVAE it lets z learn the digit before the label does, and
+    # prior samples then come out as the wrong digit (docs/vae.md), so CVAEs get none.
+    kl_warmup_epochs: float = 10.0  # vae-* variants
+    cvae_kl_warmup_epochs: float = 0.0  # cvae-* variants
+    eval_every: int = 468  # about one epoch of 128
+    log_every: int = 100
+    checkpoint_every: int = 2000
+    eval_seed: int = 0  # seed of the single-sample ELBO's noise (train.vae.evaluation_noise)
+    eval_batch_size: int = 1000  # no effect on the result
+    sample_seed: int = 0  # seed of the grids and of the scored samples
+    grid_columns: int = 10
+    score_samples_per_digit: int = 1000  # CVAE: per digit; VAE: 10x this many prior samples
+    classifier_run: str | None = None  # a resnet-vs-mlp run whose resnet scores the samples
+    scorer_cache: str | None = None  # cache of the trained scorer; None: RUN_DIR/scoring_classifier
+    quick_scorer: bool = False  # train the scorer with the quick recipe (tests)
+    seed: int = 0
+    train_limit: int | None = None  # use only the first N training images (quick runs)
+    test_limit: int | None = None  # evaluate and score on the first N test images only
+    progress: bool = True
+    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
+
+    @classmethod
+    def quick(cls) -> VAEConfig:
+        """Seconds on a 2-core CPU: 32 steps per variant on 2,048 images, a quick scorer."""
+        return cls(
+            epochs=1,
+            batch_size=64,
+            kl_warmup_epochs=0.5,
+            cvae_kl_warmup_epochs=0.25,
+            train_limit=2048,
+            test_limit=2000,
+            eval_every=16,
+            log_every=8,
+            checkpoint_every=16,
+            grid_columns=6,
+            score_samples_per_digit=50,
+            quick_scorer=True,
+        )
+
+    def validate(self) -> None:
+        self.validate_training()
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        from classicnets.models.mlp import ACTIVATIONS
+
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        for name in ("dropout", "decoder_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.hidden_sizes:
+            raise ValueError("hidden_sizes needs at least one hidden layer")
+        for name in ("kl_warmup_epochs", "cvae_kl_warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in (
+            "epochs",
+            "batch_size",
+            "eval_every",
+            "log_every",
+            "latent_size",
+            "grid_columns",
+            "score_samples_per_digit",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def is_conditional(variant: str) -> bool:
+    return variant.startswith("cvae")
+
+
+def reconstruction_of(variant: str) -> str:
+    return variant.rsplit("-", 1)[1]
+
+
+def build_model(config: VAEConfig, variant: str) -> VAE:
+    return VAE(
+        hidden_sizes=config.hidden_sizes,
+        latent_size=config.latent_size,
+        num_classes=10 if is_conditional(variant) else 0,
+        dropout=config.dropout,
+        decoder_dropout=config.decoder_dropout,
+        activation=config.activation,
+    )
+
+
+def _steps(config: VAEConfig, train_size: int) -> int:
+    return config.epochs * (train_size // config.batch_size)
+
+
+def _warmup_epochs(config: VAEConfig, variant: str) -> float:
+    return config.cvae_kl_warmup_epochs if is_conditional(variant) else config.kl_warmup_epochs
+
+
+def _data(config: VAEConfig, device: str):
+    data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)
+    if config.test_limit is not None:
+        data.test_x, data.test_y = (
+            data.test_x[: config.test_limit],
+            data.test_y[: config.test_limit],
+        )
+    return data
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(config: VAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
+    """Train the variants, then score them and write grids, plots, summary and report."""
+    config.validate()
+    clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
+    set_deterministic(config.deterministic)
+    data = _data(config, device)
+    steps = _steps(config, len(data.train_x))
+    steps_per_epoch = len(data.train_x) // config.batch_size
+    results: dict[str, Any] = {}
+    models: dict[str, VAE] = {}
+    for variant in config.variants:
+        torch.manual_seed(config.seed)  # the same initialization stream for every variant
+        model = build_model(config, variant).to(device)
+        settings = train_settings(config, steps=steps)
+        results[variant] = train_vae(
+            model,
+            data,
+            settings,
+            run_dir,
+            variant,
+            reconstruction=reconstruction_of(variant),
+            eval_seed=config.eval_seed,
+            resume=resume,
+            kl_warmup_steps=round(_warmup_epochs(config, variant) * steps_per_epoch),
+        )
+        results[variant]["parameters"] = sum(p.numel() for p in model.parameters())
+        if not results[variant]["complete"]:
+            break  # stopped on request: the next variants start when the run is resumed
+        models[variant] = model.eval()
+    complete = len(models) == len(config.variants)
+    references: dict[str, float] = {}
+    scorer_info: dict[str, Any] = {}
+    if complete:
+        scorer = _scorer(config, run_dir, device)
+        test_features = scorer.features(data.test_x)
+        references = _reference_distances(scorer, data, test_features, config.sample_seed)
+        for variant, model in models.items():
+            results[variant].update(score_variant(config, model, variant, scorer, test_features))
+            write_grids(config, run_dir, variant, model, data.test_x, data.test_y)
+        scorer_info = {"source": scorer.source, "test_accuracy": scorer.test_accuracy}
+    summary = _summary(
+        config, results, references, scorer_info, clock.elapsed(), device, steps, complete
+    )
+    run_dir.write_summary(summary)
+    write_plots(run_dir, results)
+    from classicnets.report import write_report
+
+    write_report(run_dir.path)
+    return summary
+
+
+def _scorer(config: VAEConfig, run_dir: RunDir, device: str):
+    from classicnets.metrics.generative import scoring_classifier
+
+    cache = config.scorer_cache or run_dir.path / "scoring_classifier"
+    return scoring_classifier(
+        config.data_dir,
+        device,
+        classifier_run=config.classifier_run,
+        cache_dir=cache,
+        download=config.download,
+        quick=config.quick_scorer,
+    )
+
+
+def _reference_distances(scorer, data, test_features, seed: int) -> dict[str, float]:
+    """The Frechet distances that bracket a model's (named as in the ``gan`` experiment): test
+    against training images (real against real, the floor) and uniform noise against training
+    images (the ceiling), on as many training images as there are test images."""
+    from classicnets.metrics.generative import frechet_distance
+
+    n = len(data.test_x)
+    train_features = scorer.features(data.train_x[:n])
+    noise = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    return {
+        "frechet_test_to_train": frechet_distance(test_features, train_features),
+        "frechet_noise_to_train": frechet_distance(scorer.features(noise), train_features),
+    }
+
+
+@torch.no_grad()
+def _prior_samples(model: VAE, labels: Tensor | None, n: int, seed: int) -> Tensor:
+    """``n`` mean images decoded from z ~ N(0, I) drawn with ``seed`` (labels: ``[n]`` or None)."""
+    device = next(model.parameters()).device
+    z = torch.randn(n, model.latent_size, generator=torch.Generator().manual_seed(seed))
+    return model.generate(z.to(device), None if labels is None else labels.to(device))
+
+
+def score_variant(config: VAEConfig, model: VAE, variant: str, scorer, test_features) -> dict:
+    """Frechet distance of prior samples to test images; for a CVAE, the label accuracy of
+    ``score_samples_per_digit`` samples of each digit (overall and per digit) and the confusion
+    matrix (rows: digit asked for, columns: digit recognised)."""
+    from classicnets.metrics import confusion_matrix
+    from classicnets.metrics.generative import frechet_distance
+
+    n = config.score_samples_per_digit * len(DIGITS)
+    labels = torch.arange(len(DIGITS)).repeat_interleave(config.score_samples_per_digit)
+    samples = _prior_samples(
+        model, labels if model.conditional else None, n, config.sample_seed + 1
+    )
+    out: dict[str, Any] = {
+        "frechet_distance": frechet_distance(scorer.features(samples), test_features)
+    }
+    if model.conditional:
+        predicted = scorer.predict(samples)
+        matrix = confusion_matrix(labels.numpy(), predicted, num_classes=len(DIGITS))
+        out["label_accuracy"] = float(np.trace(matrix) / matrix.sum())
+        out["label_accuracy_per_digit"] = (np.diag(matrix) / matrix.sum(axis=1)).tolist()
+        out["label_confusion_matrix"] = matrix
+    return out
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def latent_draw(seed: int, index: int, latent_size: int) -> Tensor:
+    """The latent of grid cell (or column) ``index`` for ``seed``: float32 ``[latent_size]``
+    from ``torch.Generator().manual_seed(seed * 1_000_003 + index)`` (CPU)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randn(latent_size, generator=g)
+
+
+_DRAW_RULE = (
+    "z = temperature * torch.randn(latent_size, generator=torch.Generator()"
+    ".manual_seed(seed * 1000003 + index)); image = sigmoid(decode(z[, label]))"
+)
+
+
+@torch.no_grad()
+def sample_grid(
+    model: VAE, seed: int, columns: int, labels=None, rows: int = 1, temperature: float = 1.0
+) -> tuple[Tensor, dict]:
+    """Mean images of prior samples as ``[R, C, 28, 28]`` and a JSON-ready record of how.
+
+    A conditional model gets one row per entry of ``labels`` (default: the ten digits), and
+    column ``c`` uses ``latent_draw(seed, c)`` in every row (the same style, another digit). An
+    unconditional model gets ``rows`` x ``columns`` cells, cell ``(r, c)`` using index
+    ``r * columns + c``.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if model.conditional:
+        labels = list(DIGITS if labels is None else labels)
+        z = torch.stack([latent_draw(seed, c, model.latent_size) for c in range(columns)])
+        z = (temperature * z).repeat(len(labels), 1).to(device)  # (R * C, latent)
+        y = torch.tensor(labels).repeat_interleave(columns).to(device)  # (R * C,)
+        images = model.generate(z, y).reshape(len(labels), columns, 28, 28)
+        index = "column"
+    else:
+        z = torch.stack([latent_draw(seed, i, model.latent_size) for i in range(rows * columns)])
+        images = model.generate((temperature * z).to(device)).reshape(rows, columns, 28, 28)
+        index = "row * columns + column"
+    model.train(was_training)
+    record = {
+        "seed": seed,
+        "rows": len(labels) if model.conditional else rows,
+        "columns": columns,
+        "labels": labels if model.conditional else None,
+        "temperature": temperature,
+        "index": index,
+        "rule": _DRAW_RULE,
+    }
+    return images.cpu(), record
+
+
+def save_image_grid(
+    path: str | Path,
+    images,
+    row_labels=None,
+    title: str = "",
+    record: dict | None = None,
+) -> Path:
+    """Write ``images`` (``[R, C, H, W]`` in [0, 1]) as one PNG grid, 1-pixel gaps, row labels
+    on the left; with ``record``, also ``path.json`` (the seed and rule of the cells)."""
+    from matplotlib.figure import Figure
+
+    from classicnets.report import save_figure
+    from classicnets.train.checkpoint import atomic_write_text
+
+    images = np.asarray(images, dtype=np.float64)
+    rows, cols, h, w = images.shape
+    gap = 0.3  # light grey lines between cells (the colour map shows 0 white, 1 black)
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), gap)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = 1 + r * (h + 1), 1 + c * (w + 1)
+            canvas[top : top + h, left : left + w] = images[r, c]
+    cell = 0.42  # inches per cell
+    margin = 0.5 if row_labels is not None else 0.1  # room for the row labels
+    width = max(margin + 0.1 + cols * cell, 0.3 + 0.065 * len(title))
+    height = 0.1 + rows * cell + (0.35 if title else 0.0)
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes((margin / width, 0.05 / height, 1 - (margin + 0.05) / width,
+                       rows * cell / height))  # fmt: skip
+    ax.imshow(canvas, cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if row_labels is not None:
+        ax.set_yticks([1 + r * (h + 1) + h / 2 for r in range(rows)])
+        ax.set_yticklabels([str(v) for v in row_labels])
+        ax.tick_params(axis="y", length=0)
+    else:
+        ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+    path = save_figure(fig, path)
+    if record is not None:
+        atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2))
+    return path
+
+
+def write_grids(config: VAEConfig, run_dir: RunDir, variant: str, model: VAE, test_x, test_y):
+    """``reconstructions_{variant}.png`` (pairs of rows: test images, their reconstructions at
+    the posterior mean) and ``samples_{variant}.png`` (prior samples; a CVAE: one row per
+    digit)."""
+    if not run_dir.writer:
+        return
+    cols = config.grid_columns
+    x, y = test_x[: 2 * cols], test_y[: 2 * cols]
+    model.eval()
+    with torch.no_grad():
+        recon = torch.sigmoid(model(x, y if model.conditional else None).logits).cpu()
+    originals = x.cpu().reshape(2, cols, 28, 28)
+    recon = recon.reshape(2, cols, 28, 28)
+    pairs = torch.stack([originals[0], recon[0], originals[1], recon[1]])  # (4, C, 28, 28)
+    save_image_grid(
+        run_dir.plots / f"reconstructions_{variant}.png",
+        pairs,
+        row_labels=["input", "recon", "input", "recon"],
+        title=f"{variant}: test images and reconstructions",
+    )
+    images, record = sample_grid(model, config.sample_seed, cols, rows=len(DIGITS))
+    save_image_grid(
+        run_dir.plots / f"samples_{variant}.png",
+        images,
+        row_labels=DIGITS if model.conditional else None,
+        title=f"{variant}: prior samples, seed {config.sample_seed}"
+        + (" (one row per digit)" if model.conditional else ""),
+        record={"variant": variant, **record},
+    )
+
+
+# --------------------------------------------------------------------------- summary, plots
+
+
+def _summary(
+    config, results, references, scorer, wall_time, device, steps, complete
+) -> dict[str, Any]:
+    variants = {}
+    for variant in config.variants:
+        if variant not in results:
+            continue
+        r = results[variant]
+        row = {
+            "neg_elbo_nats": r.get("test_neg_elbo"),
+            "test_loss": r.get("test_loss"),
+            "test_recon": r.get("test_recon"),
+            "test_kl": r.get("test_kl"),
+            "frechet_distance": r.get("frechet_distance"),
+        }
+        if is_conditional(variant):
+            row["label_accuracy"] = r.get("label_accuracy")
+        row.update(steps=r["step"], parameters=r["parameters"], train_time_s=r["train_time_s"])
+        variants[variant] = row
+    notes = [
+        f"{config.epochs} epochs ({steps} steps of {config.batch_size}) per variant, "
+        f"{config.optimizer.upper()} lr {config.lr}, {config.schedule} schedule, KL weight "
+        f"warmed up linearly over {config.kl_warmup_epochs} epochs (VAE) and "
+        f"{config.cvae_kl_warmup_epochs} (CVAE); encoder "
+        f"784-{'-'.join(map(str, config.hidden_sizes))}, latent {config.latent_size}, dropout "
+        f"{config.dropout} (decoder {config.decoder_dropout}); device {device}.",
+        "neg_elbo_nats: test negative ELBO (cross-entropy variants), one seeded sample of z per "
+        f"test image (eval_seed {config.eval_seed}), analytic KL; test_loss is each variant's "
+        "objective (for -mse: squared error summed over pixels + KL).",
+    ]
+    if scorer:
+        accuracy = scorer["test_accuracy"]
+        notes.append(
+            f"Scoring classifier: {scorer['source']}"
+            + (f" (test accuracy {100 * accuracy:.2f}%)" if accuracy is not None else "")
+            + f"; {config.score_samples_per_digit} prior samples per digit "
+            f"(seed {config.sample_seed + 1}). Frechet distances in its feature space: "
+            f"test to training images {references['frechet_test_to_train']:.2f}, uniform noise "
+            f"to training images {references['frechet_noise_to_train']:.2f}."
+        )
+        for variant in config.variants:
+            per_digit = results[variant].get("label_accuracy_per_digit")
+            if per_digit is not None:
+                accs = ", ".join(f"{d}: {100 * a:.0f}%" for d, a in zip(DIGITS, per_digit))
+                notes.append(f"{variant} label accuracy per digit: {accs}.")
+    summary = {
+        "title": "vae: VAE and conditional VAE on MNIST, cross-entropy vs squared error",
+        "status": "complete" if complete else "stopped",
+        "wall_time_s": wall_time,
+        "variants": variants,
+        "notes": notes,
+    }
+    summary.update(references)
+    return summary
+
+
+def write_plots(run_dir: RunDir, results: dict) -> None:
+    """Test negative ELBO (cross-entropy variants) and test objective against steps; confusion
+    matrices of the CVAEs' samples."""
+    from classicnets.report import line_plot
+
+    if not run_dir.writer:
+        return
+    elbo: dict[str, tuple[list, list]] = {}
+    objective: dict[str, tuple[list, list]] = {}
+    for r in run_dir.read_metrics():
+        if r.get("split") != "test" or r["step"] == 0:
+            continue
+        if "neg_elbo" in r:
+            xs, ys = elbo.setdefault(r["variant"], ([], []))
+            xs.append(r["step"])
+            ys.append(r["neg_elbo"])
+        xs, ys = objective.setdefault(r["variant"], ([], []))
+        xs.append(r["step"])
+        ys.append(r["loss"])
+    if elbo:
+        line_plot(
+            run_dir.plots / "test_neg_elbo.png",
+            elbo,
+            xlabel="training step",
+            ylabel="negative ELBO (nats)",
+            title="test negative ELBO, cross-entropy variants",
+        )
+    if objective:
+        line_plot(
+            run_dir.plots / "test_loss.png",
+            objective,
+            xlabel="training step",
+            ylabel="objective",
+            title="test objective (reconstruction + KL)",
+            logy=True,
+        )
+    from classicnets.metrics import plot_confusion_matrices
+
+    for variant, r in results.items():
+        if "label_confusion_matrix" in r:
+            plot_confusion_matrices(
+                run_dir.plots / f"label_confusion_{variant}.png",
+                r["label_confusion_matrix"],
+                [str(d) for d in DIGITS],
+                title=f"{variant}: digit asked for (rows) vs recognised, "
+                f"{100 * r['label_accuracy']:.1f}%",
+            )
+
+
+# --------------------------------------------------------------------------- after training
+
+
+def load_models(config: VAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Each variant's newest checkpoint as a ``TrainedModel`` (eval mode)."""
+    from classicnets.train.checkpoint import latest_checkpoint
+    from classicnets.train.classifier import load_model_weights
+
+    out = {}
+    for variant in config.variants:
+        found = latest_checkpoint(run_dir.checkpoints, variant)
+        if found is None:
+            continue
+        tensors, state, path = found
+        model = build_model(config, variant).to(device)
+        load_model_weights(model, tensors)
+        info = {
+            "kind": "autoencoder",
+            "input_shape": [1, 28, 28],
+            "input_dtype": "float32",
+            "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+            "outputs": {
+                "logits": [784],
+                "mu": [config.latent_size],
+                "scale": [config.latent_size],
+            },
+            "reconstruction": reconstruction_of(variant),
+            "conditional": is_conditional(variant),
+            "generator_input_shape": [config.latent_size],
+            "generator": "sigmoid(decode(z[, label])) -> mean image [N, 784]",
+        }
+        if is_conditional(variant):
+            info["label_input"] = "int64 [N] digit 0-9 (second argument; default 0)"
+            info["class_names"] = [str(d) for d in DIGITS]
+        out[variant] = TrainedModel(model.eval(), int(state["step"]), str(path), info)
+    return out
+
+
+def evaluate_trained(config: VAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Test objective and negative ELBO, Frechet distance and (CVAE) label accuracy of each
+    variant's newest checkpoint."""
+    models = load_models(config, run_dir, device)
+    if not models:
+        return {}
+    data = _data(config, device)
+    scorer = _scorer(config, run_dir, device)
+    test_features = scorer.features(data.test_x)
+    out = {}
+    for variant, trained in models.items():
+        metrics = evaluate_vae(
+            trained.model,
+            data.test_x,
+            data.test_y,
+            reconstruction_of(variant),
+            config.eval_seed,
+            config.eval_batch_size,
+        )
+        scores = score_variant(config, trained.model, variant, scorer, test_features)
+        out[variant] = {
+            **{f"test_{k}": v for k, v in metrics.items()},
+            **scores,
+            "step": trained.step,
+            "checkpoint": trained.checkpoint,
+        }
+    return out
+
+
+def sample(config: VAEConfig, run_dir: RunDir, device: str, request: SampleRequest) -> str:
+    """Write a grid of prior samples; return a message naming the PNG.
+
+    The variant is ``request.variant``, else the first conditional variant of the run when a
+    ``label`` is asked for or the run has one, else the first variant. A conditional model
+    draws one row of ``request.n`` samples of ``request.label``, or one row per digit when no
+    label is given; an unconditional one ``request.n`` samples in rows of up to 10. Column (or
+    cell) ``i`` uses ``latent_draw(request.seed, i)`` times ``request.temperature``; the seed and
+    rule are saved in a JSON file beside the PNG.
+    """
+    variant = request.variant
+    conditional = [v for v in config.variants if is_conditional(v)]
+    if variant is None:
+        variant = (conditional or list(config.variants))[0]
+    if variant not in config.variants:
+        raise ExperimentError(
+            f"unknown variant {variant!r}; this run has {', '.join(config.variants)}"
+        )
+    if request.label is not None:
+        if not is_conditional(variant):
+            raise ExperimentError(
+                f"variant {variant!r} is unconditional: --label needs a cvae variant"
+            )
+        if request.label not in DIGITS:
+            raise ExperimentError(f"--label must be a digit 0-9, got {request.label}")
+    models = load_models(config, run_dir, device)
+    if variant not in models:
+        raise ExperimentError(f"{run_dir.checkpoints}: no checkpoint of {variant!r} yet")
+    trained = models[variant]
+    model = trained.model
+    if model.conditional:
+        labels = DIGITS if request.label is None else [request.label]
+        images, record = sample_grid(
+            model, request.seed, request.n, labels, temperature=request.temperature
+        )
+        row_labels = labels
+    else:
+        columns = min(request.n, 10)
+        rows = -(-request.n // columns)
+        images, record = sample_grid(
+            model, request.seed, columns, rows=rows, temperature=request.temperature
+        )
+        flat = images.reshape(rows * columns, 28, 28)
+        flat[request.n :] = 0.0  # cells past n stay blank
+        images, row_labels = flat.reshape(rows, columns, 28, 28), None
+        record["n"] = request.n
+    label = "" if request.label is None else f"_label{request.label}"
+    default = run_dir.plots / f"sample_{variant}_seed{request.seed}{label}.png"
+    path = Path(request.out) if request.out else default
+    record.update(variant=variant, step=trained.step, checkpoint=trained.checkpoint)
+    path = save_image_grid(
+        path,
+        images,
+        row_labels=row_labels,
+        title=f"{variant} (step {trained.step}), seed {request.seed}",
+        record=record,
+    )
+    shape = f"{images.shape[0]}x{images.shape[1]}"
+    return f"wrote {path} ({variant}, step {trained.step}, seed {request.seed}, {shape} grid)"
+
+
+EXPERIMENT = Experiment(
+    name="vae",
+    description="VAE and conditional VAE on MNIST (784-128-64, latent 32), cross-entropy vs "
+    "squared error",
+    config_cls=VAEConfig,
+    run=run,
+    evaluate=evaluate_trained,
+    load_models=load_models,
+    sample=sample,
+)

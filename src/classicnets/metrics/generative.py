@@ -1,0 +1,317 @@
+"""Scores for generative models on MNIST: Frechet distance and label accuracy by a classifier.
+
+A generative model is scored through a trained MNIST classifier (the "scorer"):
+
+- ``frechet_distance``: the Frechet distance between Gaussians fitted to the scorer's
+  penultimate-layer features of generated and of real images (Heusel et al. 2017, the FID with
+  an MNIST classifier standing in for Inception-v3). Lower is better; real test images against
+  real training images give a floor, uniform noise a ceiling.
+- ``label_accuracy``: for conditional models, the fraction of samples the scorer recognises as
+  the digit that was asked for.
+
+The scorer is the ``resnet`` of a ``resnet-vs-mlp`` run when one is given, else a small CNN
+trained on the spot and cached (safetensors) so that a resumed or re-evaluated run reuses it.
+
+``frechet_distance`` is NumPy only (float64, symmetric eigendecompositions, no scipy).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ScoringClassifier",
+    "SmallCNN",
+    "frechet_distance",
+    "label_accuracy",
+    "scoring_classifier",
+]
+
+
+# --------------------------------------------------------------------------- Frechet distance
+
+
+def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix by eigendecomposition; the
+    (tiny, rounding-born) negative eigenvalues are clipped to zero."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    root = np.sqrt(np.clip(eigenvalues, 0.0, None))
+    return (eigenvectors * root) @ eigenvectors.T
+
+
+def frechet_distance(features_a, features_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017).
+
+    ``d = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^{1/2} S_b S_a^{1/2})^{1/2})``, with the sample
+    means and covariances (``ddof=1``, as ``np.cov``) in float64. ``Tr((S_a S_b)^{1/2})`` is
+    computed as the sum of the square roots of the eigenvalues of the symmetric PSD matrix
+    ``S_a^{1/2} S_b S_a^{1/2}`` (similar to ``S_a S_b``), so no complex ``sqrtm`` and no scipy
+    are needed; rounding-born negative eigenvalues are clipped to zero and so is the result.
+
+    Args:
+        features_a, features_b: arrays (or tensors) of shape ``[N, D]`` and ``[M, D]``, N, M >= 2.
+
+    Returns:
+        The distance, a Python float >= 0.
+
+    >>> a = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    >>> round(frechet_distance(a, a + 1.0), 12)  # a shift by (1, 1): ||mu_a - mu_b||^2 = 2
+    2.0
+    """
+    a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} and {b.shape[1]}")
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a = np.atleast_2d(np.cov(a, rowvar=False))  # (D, D)
+    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
+    root_a = _sqrtm_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    middle = 0.5 * (middle + middle.T)  # symmetric up to rounding; make it exactly so
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0.0, None)).sum()
+    distance = np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt
+    return float(max(distance, 0.0))
+
+
+def _as_features(features, name: str) -> np.ndarray:
+    if isinstance(features, Tensor):
+        features = features.detach().cpu().numpy()
+    array = np.asarray(features, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] < 2:
+        raise ValueError(f"{name} must have shape [N, D] with N >= 2, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return array
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+class SmallCNN(nn.Module):
+    """The scorer trained when no classifier run is given: two 5x5 conv + max-pool stages and a
+    128-unit hidden layer whose activations are the features::
+
+        x [N, 1, 28, 28] -> conv 8 -> relu -> pool   [N, 8, 14, 14]
+          -> conv 16 -> relu -> pool                   [N, 16, 7, 7]
+          -> flatten -> linear 128 -> relu             [N, 128]  (features: the head's input)
+          -> head: linear 10                           [N, 10]
+    """
+
+    def __init__(self, channels: tuple[int, int] = (8, 16), hidden_size: int = 128) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c1, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c2 * 7 * 7, hidden_size),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden_size, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x.reshape(-1, 1, 28, 28)))  # (N, 10)
+
+
+@dataclass
+class ScoringClassifier:
+    """A trained MNIST classifier used to score generated images.
+
+    Attributes:
+        model: the classifier; it must have a ``head`` (the last linear layer), whose input is
+            taken as the feature vector.
+        device: where it runs.
+        source: where it came from (a checkpoint or cache path), for reports.
+        test_accuracy: its accuracy on the MNIST test split, when known.
+        batch_size: images per forward pass in ``features`` and ``predict`` (no effect on the
+            result beyond float rounding).
+    """
+
+    model: nn.Module
+    device: str
+    source: str = ""
+    test_accuracy: float | None = None
+    batch_size: int = 1000
+
+    def _batches(self, images):
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        x = images.to(device=self.device, dtype=torch.float32).reshape(-1, 1, 28, 28)
+        for start in range(0, len(x), self.batch_size):
+            yield x[start : start + self.batch_size]
+
+    @torch.no_grad()
+    def _run(self, images, want_features: bool) -> np.ndarray:
+        captured: list[Tensor] = []
+        handle = None
+        if want_features:
+            handle = self.model.head.register_forward_pre_hook(
+                lambda _m, inputs: captured.append(inputs[0].flatten(1).double().cpu())
+            )
+        was_training = self.model.training
+        self.model.eval()
+        predictions = []
+        try:
+            for xb in self._batches(images):
+                predictions.append(self.model(xb).argmax(dim=1).cpu())
+        finally:
+            self.model.train(was_training)
+            if handle is not None:
+                handle.remove()
+        if want_features:
+            return torch.cat(captured).numpy() if captured else np.zeros((0, 0))
+        return torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=np.int64)
+
+    def features(self, images) -> np.ndarray:
+        """Penultimate-layer features (the head's input), float64 ``[N, D]``.
+
+        Args:
+            images: float ``[N, 1, 28, 28]`` (or ``[N, 784]``) in [0, 1], tensor or array.
+        """
+        return self._run(images, want_features=True)
+
+    def predict(self, images) -> np.ndarray:
+        """Predicted labels, int64 ``[N]``, of float images in [0, 1]."""
+        return self._run(images, want_features=False)
+
+
+def label_accuracy(scorer: ScoringClassifier, images, labels) -> float:
+    """The fraction of ``images`` that ``scorer`` recognises as the digit in ``labels``.
+
+    Args:
+        scorer: the scoring classifier.
+        images: float ``[N, 1, 28, 28]`` in [0, 1].
+        labels: the digits asked for, ``[N]``.
+    """
+    if isinstance(labels, Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels).reshape(-1)
+    predicted = scorer.predict(images)
+    if len(predicted) != len(labels):
+        raise ValueError(f"{len(predicted)} images but {len(labels)} labels")
+    return float(np.mean(predicted == labels)) if len(labels) else float("nan")
+
+
+# Training recipe of the cached scorer. quick: a few hundred steps on a slice (tests, demos).
+_RECIPES = {
+    False: {"steps": 1400, "batch_size": 128, "lr": 2e-3, "train_limit": None},  # ~3 epochs
+    True: {"steps": 200, "batch_size": 64, "lr": 2e-3, "train_limit": 6000, "test_limit": 2000},
+}
+_CACHE_FORMAT = 1
+
+
+def scoring_classifier(
+    data_dir: str | None,
+    device: str,
+    classifier_run: str | None = None,
+    cache_dir: str | Path | None = None,
+    download: bool = True,
+    quick: bool = False,
+) -> ScoringClassifier:
+    """The MNIST classifier that scores a run's samples.
+
+    Args:
+        data_dir: MNIST data root (None: ``$CLASSICNETS_DATA`` or the cache).
+        device: where the scorer runs.
+        classifier_run: a ``resnet-vs-mlp`` run folder: its ``resnet`` (newest checkpoint) is
+            the scorer. None: train a ``SmallCNN`` (Adam, ~3 epochs; ``quick``: 200 steps on
+            6,000 images, accuracy measured on the first 2,000 test images) or load it from
+            ``cache_dir``.
+        cache_dir: folder where the trained CNN is cached (``cnn.safetensors`` or
+            ``cnn-quick.safetensors`` with a JSON beside it); None: no cache.
+        download: download MNIST if missing.
+        quick: the quick recipe (tests).
+    """
+    if classifier_run is not None:
+        return _scorer_from_run(classifier_run, device)
+    from safetensors.torch import load_file
+
+    name = "cnn-quick" if quick else "cnn"
+    weights_path = Path(cache_dir) / f"{name}.safetensors" if cache_dir is not None else None
+    info_path = weights_path.with_suffix(".json") if weights_path is not None else None
+    model = SmallCNN()
+    if weights_path is not None and weights_path.exists() and info_path.exists():
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if info.get("format") == _CACHE_FORMAT:
+            model.load_state_dict(load_file(str(weights_path)), strict=True)
+            model.to(device).eval()
+            return ScoringClassifier(model, device, str(weights_path), info.get("test_accuracy"))
+    model, info = _train_scorer(data_dir, device, download, quick)
+    source = "trained in memory"
+    if weights_path is not None:
+        from safetensors.torch import save
+
+        from classicnets.train.checkpoint import atomic_write_bytes, atomic_write_text
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(weights_path, save(state))
+        atomic_write_text(info_path, json.dumps(info, indent=2))  # written last: the commit
+        source = str(weights_path)
+    return ScoringClassifier(model.eval(), device, source, info["test_accuracy"])
+
+
+def _train_scorer(data_dir, device: str, download: bool, quick: bool) -> tuple[nn.Module, dict]:
+    """Train a ``SmallCNN`` with the classifier loop (no files); the caller's RNG is untouched."""
+    from classicnets.experiments.common import load_image_data
+    from classicnets.train.classifier import TrainSettings, train_classifier
+
+    recipe = _RECIPES[bool(quick)]
+    data = load_image_data("mnist", data_dir, device, recipe["train_limit"], download)
+    if recipe.get("test_limit"):  # quick: measure the accuracy on the first test images only
+        data.test_x, data.test_y = (
+            data.test_x[: recipe["test_limit"]],
+            data.test_y[: recipe["test_limit"]],
+        )
+    settings = TrainSettings(
+        steps=recipe["steps"],
+        batch_size=recipe["batch_size"],
+        optimizer="adam",
+        lr=recipe["lr"],
+        eval_every=recipe["steps"],
+        log_every=50,
+        checkpoint_every=0,
+        progress=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = SmallCNN().to(device)
+        result = train_classifier(model, data, settings)
+    info: dict[str, Any] = {
+        "format": _CACHE_FORMAT,
+        "model": "SmallCNN",
+        "quick": bool(quick),
+        "test_accuracy": result["test_accuracy"],
+        **recipe,
+    }
+    return model, info
+
+
+def _scorer_from_run(classifier_run: str, device: str) -> ScoringClassifier:
+    from classicnets.experiments.common import ExperimentError, load_trained_models
+    from classicnets.train.run import RunDir
+
+    experiment = RunDir(classifier_run).read_config()["experiment"]
+    if experiment != "resnet-vs-mlp":
+        raise ExperimentError(
+            f"classifier_run {classifier_run} is a {experiment!r} run; a resnet-vs-mlp run "
+            f"on MNIST is needed"
+        )
+    models = load_trained_models(classifier_run, device)
+    if "resnet" not in models:
+        raise ExperimentError(f"classifier_run {classifier_run} has no trained 'resnet' model")
+    trained = models["resnet"]
+    if trained.info.get("dataset", "mnist") != "mnist":
+        raise ExperimentError(
+            f"classifier_run {classifier_run} was trained on {trained.info['dataset']}, not mnist"
+        )
+    return ScoringClassifier(trained.model.eval(), device, trained.checkpoint)
