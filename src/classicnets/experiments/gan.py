@@ -1,0 +1,599 @@
+"""``gan``: a GAN and a conditional GAN on MNIST, scored by a trained MNIST classifier.
+
+Both variants have the source blog's fully connected architecture (``models.gan``) and the same
+training recipe (``train.gan``: non-saturating generator loss, one Adam per network over its own
+parameters). Over training each writes a fixed-noise grid (one row per digit for the CGAN) whose
+cells can be regenerated from the seeds saved beside it.
+
+Scoring, by a trained MNIST classifier (the ``resnet`` of a ``resnet-vs-mlp`` run given as
+``classifier_run``, else a small CNN trained inside the run, ``metrics.generative``):
+
+- ``label_accuracy`` (CGAN): the fraction of samples the classifier recognises as the digit
+  that was asked for, with the confusion matrix "asked for x recognised as";
+- ``test_frechet_distance``: between the classifier's features of samples and of test images, shown
+  beside two references computed the same way with as many images: test images against training
+  images (what a perfect generator would get, up to sampling noise) and uniform noise against
+  training images (what a useless one gets).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from classicnets.experiments.common import (
+    Experiment,
+    ExperimentError,
+    SampleRequest,
+    Stopwatch,
+    TrainedModel,
+    TrainingOptions,
+    load_image_data,
+)
+from classicnets.models.gan import GAN
+from classicnets.train.run import RunDir, RunError
+
+__all__ = ["EXPERIMENT", "GANConfig", "build_model", "draw_samples", "run", "sample"]
+
+VARIANTS = ("gan", "cgan")
+NUM_CLASSES = 10
+_UNSUPPORTED = {  # TrainingOptions switches the GAN loop does not implement: must stay at default
+    "weight_decay": 0.0,
+    "schedule": "constant",
+    "clip_grad_norm": None,
+    "compile": False,
+    "channels_last": False,
+    "sync_bn": False,
+}
+
+
+@dataclass
+class GANConfig(TrainingOptions):
+    """Configuration of ``gan``. Of the shared ``TrainingOptions`` the GAN loop uses
+    ``precision``, ``deterministic`` and ``keep_checkpoints``; the others must keep their
+    defaults (no schedule, weight decay, clipping, compile, channels-last or sync BN)."""
+
+    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
+    download: bool = True
+    variants: tuple[str, ...] = VARIANTS  # any of "gan", "cgan"
+    latent_size: int = 32
+    generator_hidden: tuple[int, ...] = (150, 300)
+    discriminator_hidden: tuple[int, ...] = (300, 150)
+    generator_activation: str = "relu"  # "relu" (the blog) or "leaky_relu" (slope 0.2)
+    dropout: float = 0.3  # the discriminator's dropout
+    negative_slope: float = 0.2  # leaky-ReLU slope (discriminator; generator if leaky_relu)
+    # One-sided label smoothing of D's real target (Salimans et al. 2016, Sec. 3.4); 1.0: none.
+    # Without it (and at lr 2e-4) D won outright within 3,000 steps in our runs (docs/gan.md).
+    real_label: float = 0.9
+    # Iterations per variant (one D step and one G step each), about 15 epochs: 10,000 left the
+    # CGAN's label accuracy at 89% and still rising (docs/gan.md).
+    steps: int = 14_000
+    batch_size: int = 64
+    # Adam's default rate rather than DCGAN's 2e-4: with these small fully connected networks
+    # 2e-4 left the samples collapsed after 3,000 steps, 1e-3 gave digits (docs/gan.md).
+    lr_discriminator: float = 1e-3
+    lr_generator: float = 1e-3
+    beta1: float = 0.5  # Radford et al. 2015, Sec. 4
+    beta2: float = 0.999
+    log_every: int = 100
+    grid_every: int = 1000  # fixed-noise grid every this many steps
+    grid_columns: int = 10  # samples per digit in the grid
+    grid_seed: int = 0
+    eval_every: int = 2000  # score eval_samples samples every this many steps (0: end only)
+    eval_samples: int = 2000
+    score_samples: int = 10_000  # samples scored at the end (CGAN: a tenth per digit)
+    score_seed: int = 1  # noise seed of the scored samples
+    classifier_run: str | None = None  # a resnet-vs-mlp run folder; None: train a CNN in the run
+    scorer_cache: str | None = None  # where the in-run CNN is cached; None: RUN_DIR/scorer
+    quick_scorer: bool = False  # train the CNN scorer briefly (tests)
+    checkpoint_every: int = 2000
+    # Warnings (train.gan.GANMonitor): D wins outright / samples collapse.
+    win_fake_below: float = 0.01
+    win_loss_below: float = 0.1
+    win_window: int = 3
+    collapse_fraction: float = 0.25
+    collapse_window: int = 3
+    monitor_after: int = 1000  # ignore the first steps (an untrained G is collapsed by nature)
+    seed: int = 0
+    train_limit: int | None = None  # use only the first N training images (quick runs)
+    progress: bool = True
+    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
+
+    @classmethod
+    def quick(cls) -> GANConfig:
+        """Seconds on a 2-core CPU: 200 steps per variant on 2,000 images, a briefly trained
+        scorer, 500 scored samples."""
+        return cls(
+            steps=200,
+            train_limit=2000,
+            log_every=50,
+            grid_every=100,
+            checkpoint_every=100,
+            eval_every=0,
+            eval_samples=500,
+            score_samples=500,
+            quick_scorer=True,
+            monitor_after=100,
+        )
+
+    def validate(self) -> None:
+        self.validate_training()
+        for name, default in _UNSUPPORTED.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not supported by the gan experiment "
+                    f"(leave it at {default!r})"
+                )
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}")
+        if self.generator_activation not in ("relu", "leaky_relu"):
+            raise ValueError(
+                "generator_activation must be relu or leaky_relu, got "
+                f"{self.generator_activation!r}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.real_label <= 1:
+            raise ValueError(f"real_label must be in (0, 1], got {self.real_label}")
+        for name in ("steps", "batch_size", "log_every", "grid_every", "grid_columns",
+                     "latent_size", "eval_samples", "score_samples"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.score_samples < 2 * NUM_CLASSES or self.eval_samples < 2 * NUM_CLASSES:
+            raise ValueError("score_samples and eval_samples must be at least 20")
+
+
+def build_model(config: GANConfig, variant: str) -> GAN:
+    """The GAN (``variant="gan"``) or conditional GAN (``"cgan"``) of ``config``."""
+    return GAN(
+        latent_size=config.latent_size,
+        num_classes=NUM_CLASSES if variant == "cgan" else 0,
+        generator_hidden=config.generator_hidden,
+        discriminator_hidden=config.discriminator_hidden,
+        dropout=config.dropout,
+        negative_slope=config.negative_slope,
+        generator_activation=config.generator_activation,
+    )
+
+
+def _settings(config: GANConfig):
+    from classicnets.train.gan import GANSettings
+
+    names = GANSettings.__dataclass_fields__
+    return GANSettings(**{n: getattr(config, n) for n in names if hasattr(config, n)})
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def draw_samples(
+    generator: torch.nn.Module,
+    n: int,
+    seed: int,
+    device: str,
+    conditional: bool,
+    batch_size: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` samples ``(n, 1, 28, 28)`` from noise of ``seed`` (its own generator: torch's global
+    random stream is untouched), and for a conditional generator their labels ``0, 1, ..., 9,
+    0, ...`` (each digit a tenth of them)."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    z = torch.randn(n, generator.latent_size, generator=g).to(device)  # (n, latent)
+    labels = torch.arange(n, device=device) % NUM_CLASSES if conditional else None
+    was_training = generator.training
+    generator.eval()
+    parts = []
+    for start in range(0, n, batch_size):
+        y = labels[start : start + batch_size] if labels is not None else None
+        parts.append(generator(z[start : start + batch_size], y))
+    generator.train(was_training)
+    return torch.cat(parts), labels
+
+
+class _Scoring:
+    """The scorer and the real-image features every score of a run compares against."""
+
+    def __init__(self, config: GANConfig, run_dir: RunDir, data, device: str) -> None:
+        from classicnets.metrics.generative import frechet_distance, scoring_classifier
+
+        cache = config.scorer_cache or str(run_dir.path / "scorer")
+        self.scorer = scoring_classifier(
+            config.data_dir,
+            device,
+            classifier_run=config.classifier_run,
+            cache_dir=cache if config.classifier_run is None else None,
+            download=config.download,
+            quick=config.quick_scorer,
+        )
+        self.config = config
+        self.device = device
+        n = min(config.score_samples, len(data.test_x), len(data.train_x))
+        self.test_features = self.scorer.features(data.test_x[:n])
+        train_features = self.scorer.features(data.train_x[:n])
+        g = torch.Generator("cpu").manual_seed(config.score_seed + 1)
+        noise = torch.rand(n, 1, 28, 28, generator=g)
+        self.references = {
+            "frechet_test_to_train": frechet_distance(self.test_features, train_features),
+            "frechet_noise_to_train": frechet_distance(self.scorer.features(noise), train_features),
+        }
+
+    def score(self, generator, n: int, seed: int) -> dict[str, Any]:
+        """FD of ``n`` samples to the first ``n`` test images' features; label accuracy, the
+        per-digit accuracies and the confusion matrix for a conditional generator."""
+        from classicnets.metrics import confusion_matrix
+        from classicnets.metrics.generative import frechet_distance, label_accuracy
+
+        conditional = generator.num_classes > 0
+        images, labels = draw_samples(generator, n, seed, self.device, conditional)
+        features = self.scorer.features(images)
+        out: dict[str, Any] = {
+            "test_frechet_distance": frechet_distance(features, self.test_features[:n])
+        }
+        if conditional:
+            out["label_accuracy"] = label_accuracy(self.scorer, images, labels)
+            predicted = self.scorer.predict(images)
+            matrix = confusion_matrix(labels.cpu().numpy(), predicted, num_classes=NUM_CLASSES)
+            out["label_confusion_matrix"] = matrix  # rows: digit asked for; columns: recognised
+            out["digit_accuracy"] = (matrix.diagonal() / matrix.sum(axis=1)).tolist()
+        return out
+
+    def eval_hook(self):
+        """``train_gan``'s eval hook: scores ``eval_samples`` samples (logged as split eval)."""
+
+        def hook(generator, step: int) -> dict[str, Any]:
+            result = self.score(generator, self.config.eval_samples, self.config.score_seed)
+            keep = ("test_frechet_distance", "label_accuracy")
+            return {k: v for k, v in result.items() if k in keep}
+
+        return hook
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+
+
+def run(config: GANConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
+    """Train the variants, score them, write grids, plots, ``summary.json`` and the report."""
+    from classicnets.train.classifier import set_deterministic
+    from classicnets.train.gan import train_gan
+
+    config.validate()
+    clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
+    set_deterministic(config.deterministic)
+    data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)
+    scoring: _Scoring | None = None
+
+    def get_scoring() -> _Scoring:
+        nonlocal scoring
+        if scoring is None:
+            scoring = _Scoring(config, run_dir, data, device)
+        return scoring
+
+    settings = _settings(config)
+    results: dict[str, Any] = {}
+    for variant in config.variants:
+        torch.manual_seed(config.seed)  # same initialization and noise stream for both variants
+        model = build_model(config, variant).to(device)
+        hook = get_scoring().eval_hook() if config.eval_every else None
+        results[variant] = train_gan(
+            model, data.train_x, data.train_y, settings, run_dir, variant, resume, hook
+        )
+        if not results[variant]["complete"]:
+            break  # stopped on request: the next variant starts when the run is resumed
+        scores = get_scoring().score(model.generator, config.score_samples, config.score_seed)
+        results[variant]["scores"] = scores
+        _final_grid(run_dir, variant, results[variant].get("grid"))
+        if "label_confusion_matrix" in scores and run_dir.writer:
+            from classicnets.metrics import plot_confusion_matrices
+
+            plot_confusion_matrices(
+                run_dir.plots / f"confusion_{variant}.png",
+                scores["label_confusion_matrix"],
+                [str(k) for k in range(NUM_CLASSES)],
+                title=f"{variant} samples: digit asked for (rows) x recognised (columns), "
+                f"{100 * scores['label_accuracy']:.1f}% as asked",
+            )
+    summary = _summary(config, results, scoring, clock.elapsed(), device)
+    run_dir.write_summary(summary)
+    write_plots(run_dir, config)
+    from classicnets.report import write_report
+
+    write_report(run_dir.path)
+    return summary
+
+
+def _final_grid(run_dir: RunDir, variant: str, grid: str | None) -> None:
+    """Copy the last grid (and its JSON) to ``plots/{variant}_grid.png``, for the report."""
+    if grid is None or not run_dir.writer:
+        return
+    source = Path(grid)
+    for suffix in (".png", ".json"):
+        shutil.copyfile(source.with_suffix(suffix), run_dir.plots / f"{variant}_grid{suffix}")
+
+
+def _summary(config, results, scoring, wall_time, device) -> dict[str, Any]:
+    complete = all(results.get(v, {}).get("complete") for v in config.variants)
+    variants: dict[str, Any] = {}
+    notes = [
+        f"{config.steps} steps of batch {config.batch_size} per variant, Adam "
+        f"(lr D {config.lr_discriminator}, G {config.lr_generator}, betas ({config.beta1}, "
+        f"{config.beta2})), non-saturating G loss, real label {config.real_label}, D dropout "
+        f"{config.dropout}, latent {config.latent_size}, device {device}.",
+    ]
+    warnings = []
+    for variant, r in results.items():
+        scores = r.get("scores", {})
+        variants[variant] = {
+            "label_accuracy": scores.get("label_accuracy"),
+            "test_frechet_distance": scores.get("test_frechet_distance"),
+            "d_real": r.get("d_real"),
+            "d_fake": r.get("d_fake"),
+            "d_loss": r.get("d_loss"),
+            "g_loss": r.get("g_loss"),
+            "diversity_ratio": r.get("diversity_ratio"),
+            "steps": r["step"],
+            "train_time_s": r.get("train_time_s"),
+            "warnings": len(r.get("warnings", [])),
+        }
+        if "digit_accuracy" in scores:
+            variants[variant]["digit_accuracy"] = [round(a, 4) for a in scores["digit_accuracy"]]
+        warnings += [f"WARNING: {w}" for w in r.get("warnings", [])]
+    summary: dict[str, Any] = {
+        "title": "gan: GAN and conditional GAN on MNIST, scored by an MNIST classifier",
+        "status": "complete" if complete else "stopped",
+        "wall_time_s": wall_time,
+        "variants": variants,
+    }
+    if scoring is not None:
+        n = len(scoring.test_features)
+        summary.update(scoring.references)
+        summary["scorer"] = scoring.scorer.source
+        summary["scorer_test_accuracy"] = scoring.scorer.test_accuracy
+        notes.append(
+            f"Frechet distances in the scorer's feature space over {n} images each: samples to "
+            f"test images (test_frechet_distance), test to training images "
+            f"{scoring.references['frechet_test_to_train']:.3g}, uniform noise to training "
+            f"images {scoring.references['frechet_noise_to_train']:.3g}."
+        )
+    summary["notes"] = warnings + notes
+    summary["warnings"] = warnings
+    return summary
+
+
+def _curves(run_dir: RunDir, split: str, key: str) -> dict[str, tuple[list, list]]:
+    curves: dict[str, tuple[list, list]] = {}
+    for r in run_dir.read_metrics():
+        if r.get("split") == split and r.get(key) is not None:
+            xs, ys = curves.setdefault(r["variant"], ([], []))
+            xs.append(r["step"])
+            ys.append(r[key])
+    return curves
+
+
+def write_plots(run_dir: RunDir, config: GANConfig) -> list[Path]:
+    """Losses, D(x) and D(G(z)), diversity, eval scores against steps; grids over training."""
+    from classicnets.report import Panel, multi_panel_plot
+
+    if not run_dir.writer:
+        return []
+
+    def named(split, key, label):
+        curves = _curves(run_dir, split, key)
+        return {f"{v} {label}".strip(): xy for v, xy in curves.items()}
+
+    written = []
+    losses = named("train", "d_loss", "D loss")
+    if not losses:
+        return []
+    panels = [
+        Panel(
+            "losses (nats)",
+            "training step",
+            "loss",
+            {**losses, **named("train", "g_loss", "G loss")},
+        ),
+        Panel(
+            "discriminator outputs",
+            "training step",
+            "mean probability of 'real'",
+            {**named("train", "d_real", "D(x)"), **named("train", "d_fake", "D(G(z))")},
+            ylim=(0.0, 1.0),
+        ),
+        Panel(
+            "sample diversity / real diversity",
+            "training step",
+            "ratio",
+            named("train", "diversity_ratio", ""),
+        ),
+    ]
+    written.append(multi_panel_plot(run_dir.plots / "training.png", panels))
+    scores = [
+        Panel(
+            "Frechet distance to test images",
+            "training step",
+            "FD (log scale)",
+            named("eval", "test_frechet_distance", ""),
+            logy=True,
+        ),
+    ]
+    accuracy = named("eval", "label_accuracy", "")
+    if accuracy:
+        scores.append(
+            Panel("label accuracy of samples", "training step", "accuracy", accuracy, ylim=(0, 1))
+        )
+    if scores[0].series:
+        written.append(multi_panel_plot(run_dir.plots / "scores.png", scores))
+    for variant in config.variants:
+        path = progress_figure(run_dir, variant)
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def progress_figure(run_dir: RunDir, variant: str, snapshots: int = 5) -> Path | None:
+    """The saved grids of ``variant`` at up to ``snapshots`` steps spread over training."""
+    from matplotlib import image as mpimg
+    from matplotlib.figure import Figure
+
+    from classicnets.report import save_figure
+
+    grids = sorted((run_dir.plots / "grids").glob(f"{variant}_step*.png"))
+    if len(grids) < 2:
+        return None
+    picks = sorted({round(i * (len(grids) - 1) / (snapshots - 1)) for i in range(snapshots)})
+    fig = Figure(figsize=(3.2 * len(picks), 3.6), layout="constrained")
+    for ax, i in zip(fig.subplots(1, len(picks), squeeze=False)[0], picks):
+        ax.imshow(mpimg.imread(grids[i]))
+        ax.set_title(f"step {int(grids[i].stem.rpartition('step')[2])}")
+        ax.axis("off")
+    fig.suptitle(f"{variant}: fixed-noise grid over training")
+    return save_figure(fig, run_dir.plots / f"{variant}_progress.png")
+
+
+# --------------------------------------------------------------------------------------------
+# Trained models: evaluate, load_models, sample
+# --------------------------------------------------------------------------------------------
+
+
+def load_models(config: GANConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Each variant's newest generator as a ``TrainedModel`` (kind ``"generator"``)."""
+    from classicnets.train.checkpoint import latest_checkpoint
+
+    out = {}
+    for variant in config.variants:
+        found = latest_checkpoint(run_dir.checkpoints, variant)
+        if found is None:
+            continue
+        tensors, state, path = found
+        model = build_model(config, variant).to(device)
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(weights, strict=True)
+        conditional = model.conditional
+        info = {
+            "kind": "generator",
+            "latent_size": config.latent_size,
+            "conditional": conditional,
+            "num_classes": NUM_CLASSES if conditional else 0,
+            "input_shape": [config.latent_size],
+            "input_dtype": "float32",
+            "preprocessing": "z ~ N(0, I)"
+            + ("; labels int64 [N], digits 0-9 (one-hot inside)" if conditional else ""),
+            "output_shape": [1, 28, 28],
+            "output": "pixel intensities in [0, 1] (x 255 for uint8 images)",
+            "dataset": "mnist",
+        }
+        out[variant] = TrainedModel(model.generator.eval(), int(state["step"]), str(path), info)
+    return out
+
+
+def evaluate_trained(config: GANConfig, run_dir: RunDir, device: str = "cpu") -> dict:
+    """Scores of each variant's newest generator (``score_samples`` samples)."""
+    from classicnets.train.classifier import set_deterministic
+
+    set_deterministic(config.deterministic)
+    data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)
+    models = load_models(config, run_dir, device)
+    if not models:
+        return {}
+    scoring = _Scoring(config, run_dir, data, device)
+    out = {}
+    for variant, trained in models.items():
+        scores = scoring.score(trained.model, config.score_samples, config.score_seed)
+        out[variant] = {
+            **scores,
+            **scoring.references,
+            "step": trained.step,
+            "checkpoint": trained.checkpoint,
+        }
+    return out
+
+
+def _sample_path(request: SampleRequest, run_dir: RunDir, variant: str, several: bool) -> Path:
+    what = f"digit{request.label}" if request.label is not None else "all"
+    default = f"{variant}_{what}_n{request.n}_seed{request.seed}.png"
+    if request.out is None:
+        return run_dir.plots / "samples" / default
+    out = Path(request.out)
+    if out.suffix.lower() != ".png":  # a folder
+        return out / default
+    return out.with_name(f"{out.stem}_{variant}{out.suffix}") if several else out
+
+
+def sample(config: GANConfig, run_dir: RunDir, device: str, request: SampleRequest) -> str:
+    """Write a grid of samples per chosen variant; return the lines to print.
+
+    A conditional generator draws one row per digit with ``request.n`` columns, or one row of
+    ``request.label``; an unconditional one draws ``request.n`` samples in rows of 10. Cell
+    (row, column) has noise seed ``request.seed + column`` (conditional) or ``request.seed +
+    index`` (``train.gan.GridSpec``); the JSON beside the PNG lists every cell's seed and label.
+    """
+    from classicnets.train.gan import GridSpec, generate_grid, save_grid
+
+    if request.prompt is not None or request.temperature != 1.0:
+        raise ExperimentError("--prompt and --temperature are for language models")
+    models = load_models(config, run_dir, device)
+    if not models:
+        raise RunError(f"{run_dir.checkpoints}: no checkpoint to sample from")
+    if request.variant is not None and request.variant not in models:
+        raise ExperimentError(
+            f"no trained variant {request.variant!r} in {run_dir.path}; trained: "
+            f"{', '.join(models)}"
+        )
+    chosen = [request.variant] if request.variant is not None else list(models)
+    if request.label is not None:
+        if not 0 <= request.label < NUM_CLASSES:
+            raise ExperimentError(f"--label must be a digit 0-9, got {request.label}")
+        unconditional = [v for v in chosen if not models[v].info["conditional"]]
+        if request.variant is not None and unconditional:
+            raise ExperimentError(f"variant {request.variant!r} is unconditional: no --label")
+        chosen = [v for v in chosen if v not in unconditional]
+        if not chosen:
+            raise ExperimentError("--label needs a conditional model (cgan); this run has none")
+    lines = []
+    for variant in chosen:
+        trained = models[variant]
+        spec = GridSpec.for_samples(
+            request.n,
+            request.seed,
+            trained.info["latent_size"],
+            trained.info["num_classes"],
+            request.label,
+        )
+        path = _sample_path(request, run_dir, variant, several=len(chosen) > 1)
+        images = generate_grid(trained.model, spec, device)
+        info = {"variant": variant, "step": trained.step, "checkpoint": trained.checkpoint}
+        png, meta = save_grid(path, images, spec, info)
+        if trained.info["conditional"]:
+            what = (
+                f"1 row of digit {request.label}"
+                if request.label is not None
+                else "one row per digit 0-9"
+            )
+            what += f" x {request.n} columns"
+        else:
+            what = f"{request.n} samples"
+        lines.append(
+            f"{variant} (step {trained.step}): {what}, seed {request.seed} -> {png} "
+            f"(each cell's noise seed and label in {meta.name})"
+        )
+    return "\n".join(lines)
+
+
+EXPERIMENT = Experiment(
+    name="gan",
+    description="GAN and conditional GAN on MNIST (FC, blog architecture), classifier-scored",
+    config_cls=GANConfig,
+    run=run,
+    evaluate=evaluate_trained,
+    load_models=load_models,
+    sample=sample,
+)
