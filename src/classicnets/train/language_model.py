@@ -1,0 +1,493 @@
+"""Training loop for recurrent language models (truncated back-propagation through time).
+
+The recipe of Zaremba, Sutskever & Vinyals 2014 as the TensorFlow PTB tutorial codes it
+(tensorflow/models ``tutorials/rnn/ptb/ptb_word_lm.py``):
+
+- the training stream is cut into ``batch_size`` rows (``data.ptb.batchify``) and read in
+  windows of ``num_steps`` tokens; the hidden state is carried from one window to the next and
+  detached between them (gradients flow back ``num_steps`` steps at most), and reset to zeros at
+  the start of each epoch;
+- the loss of a window is its summed negative log-likelihood over the time steps, averaged over
+  the batch (the tutorial's ``sequence_loss(average_across_timesteps=False)``): with plain SGD
+  at learning rate 1 this is the scale the published rates assume (pytorch/examples averages
+  over the time steps too and needs a 20 times larger rate);
+- gradients are clipped by their global norm (the norm before clipping is logged);
+- the learning rate is ``lr * decay ** max(epoch + 1 - epochs_at_full_lr, 0)``
+  (``schedules.ExponentialAfterEpoch``);
+- after every epoch, the perplexity of the validation and test splits.
+
+**Perplexity** is ``exp(total NLL / number of predicted tokens)``, where the total runs over
+every token of the split but the first (which has no left context), each token counted exactly
+once whatever the evaluation batch size (``data.ptb.evaluation_rows``); per-token NLLs are summed
+in float64. ``evaluate_perplexity`` returns the total and the count with it.
+
+**Exact resume**: weights, optimizer, schedule, RNG states (dropout), the hidden state carried
+into the next window and the running sums of the loss are in the checkpoint; the data position is
+a function of the step. A run resumed from any checkpoint continues bit for bit like an
+uninterrupted one on CPU in deterministic mode, and rewrites the metrics logged after the
+checkpoint identically.
+
+**Divergence** (the ReLU RNN's activations overflow): a non-finite training loss or gradient norm
+stops the model with status ``"diverged"``; the step, epoch and value are logged (a record with
+``split == "diverged"``) and returned instead of raised, so an experiment goes on with its other
+models. Losses are checked at every log interval and before every checkpoint, so a checkpoint
+never holds a diverged model.
+
+Metrics records (``metrics.jsonl``) all carry ``variant``, ``epoch`` (1-based), ``step`` (global,
+counted from the start of training) and ``split``:
+
+- ``train``: every ``log_every`` steps and at each epoch end, the mean ``loss`` (nats per token)
+  and ``perplexity`` over the steps since the previous record, ``lr`` and ``grad_norm`` (mean
+  norm before clipping);
+- ``train_epoch``: the epoch's training perplexity (as the tutorial prints it);
+- ``valid``, ``test``: ``perplexity``, ``loss`` and ``tokens`` (predicted tokens) after each epoch;
+- ``diverged``: where training stopped, with the non-finite ``loss`` or ``grad_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from classicnets.data.ptb import batchify, evaluation_rows, num_windows, window
+from classicnets.models.rnnlm import Hidden, detach_hidden
+from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.precision import Precision
+from classicnets.train.run import RunDir
+from classicnets.train.schedules import ExponentialAfterEpoch
+from classicnets.train.state import TrainState
+
+__all__ = [
+    "LMTrainSettings",
+    "evaluate_perplexity",
+    "perplexity",
+    "token_nll",
+    "train_language_model",
+]
+
+
+@dataclass
+class LMTrainSettings:
+    """How one language model is trained (defaults: Zaremba et al.'s small configuration).
+
+    Attributes:
+        epochs: passes over the training stream.
+        batch_size: rows of the batchified training stream.
+        num_steps: window length (back-propagation through this many steps).
+        lr: SGD learning rate at full rate.
+        lr_decay: factor per epoch once decay starts.
+        epochs_at_full_lr: epochs at ``lr`` before decaying (the tutorial's ``max_epoch``).
+        clip_grad_norm: clip gradients to this global norm (the tutorial's ``max_grad_norm``);
+            None: no clipping.
+        precision: "fp32", "bf16" or "fp16" (autocast of the forward pass).
+        eval_batch_size: rows of the evaluation streams (1: each token with its full left
+            context, the tutorial's test protocol; more: faster, ``eval_batch_size - 1`` tokens
+            lose their left context, none is skipped).
+        eval_num_steps: window length of evaluation (no effect on the result beyond rounding).
+        log_every: write a ``train`` record every this many steps (and at each epoch end).
+        checkpoint_every: checkpoint every this many steps, besides every epoch end; 0: epoch
+            ends only.
+        keep_checkpoints: checkpoints kept per model.
+        progress: show a tqdm progress bar.
+        stop_after: stop (with a checkpoint) after this many steps of this call, as if killed;
+            for tests and demonstrations of resume. None runs to the end.
+    """
+
+    epochs: int = 13
+    batch_size: int = 20
+    num_steps: int = 20
+    lr: float = 1.0
+    lr_decay: float = 0.5
+    epochs_at_full_lr: int = 4
+    clip_grad_norm: float | None = 5.0
+    precision: str = "fp32"
+    eval_batch_size: int = 1
+    eval_num_steps: int = 35
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    progress: bool = True
+    stop_after: int | None = None
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token negative log-likelihood (nats), in ``logits``' dtype.
+
+    Args:
+        logits: ``[..., V]`` unnormalized scores.
+        targets: ``[...]`` int64 ids, the same leading shape.
+
+    Returns:
+        ``[N]`` NLLs, ``N = targets.numel()``.
+    """
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="none")
+
+
+def perplexity(total_nll: float, count: int) -> float:
+    """``exp(total_nll / count)``: the perplexity of ``count`` predicted tokens."""
+    if count < 1:
+        raise ValueError("perplexity of no predicted token")
+    return _exp(total_nll / count)
+
+
+def _exp(x: float) -> float:
+    """``math.exp`` that gives inf instead of raising (a diverging model's NLL can exceed 709)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _row_of(hidden: Hidden, row: int) -> Hidden:
+    if isinstance(hidden, Tensor):
+        return hidden[:, row : row + 1].contiguous()  # [L, 1, H]
+    return tuple(h[:, row : row + 1].contiguous() for h in hidden)
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: nn.Module, ids: Tensor, batch_size: int = 1, num_steps: int = 35
+) -> tuple[float, float, int]:
+    """Perplexity of ``model`` on the stream ``ids``, every token but the first predicted once.
+
+    The stream is cut by ``data.ptb.evaluation_rows``: ``batch_size`` rows read in windows of
+    ``num_steps`` with the hidden state carried along, then the few leftover tokens as a
+    continuation of the last row. Per-token NLLs are computed in the model's dtype and summed in
+    float64; the model is in eval mode (no dropout) and its previous mode is restored.
+
+    Args:
+        model: ``model(tokens [B, T], hidden) -> (logits [B, T, V], hidden)`` with
+            ``init_hidden(batch_size)``.
+        ids: 1-d int64 stream (on the model's device or not).
+        batch_size: evaluation rows, in ``[1, len(ids) - 1]``.
+        num_steps: window length.
+
+    Returns:
+        ``(perplexity, total_nll, count)`` with ``count == len(ids) - 1``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows, tail = evaluation_rows(ids.to(device), batch_size)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    hidden = model.init_hidden(rows.shape[0])
+    length = rows.shape[1] - 1  # predicted tokens per row
+    for start in range(0, length, num_steps):
+        n = min(num_steps, length - start)
+        inputs = rows[:, start : start + n]  # [B, n]
+        targets = rows[:, start + 1 : start + 1 + n]  # [B, n]
+        logits, hidden = model(inputs, hidden)
+        total += token_nll(logits, targets).double().sum()
+    count = rows.shape[0] * length
+    if len(tail) > 1:  # the leftover pairs continue the last row
+        hidden = _row_of(hidden, rows.shape[0] - 1)
+        for start in range(0, len(tail) - 1, num_steps):
+            piece = tail[start : start + num_steps + 1]
+            logits, hidden = model(piece[None, :-1], hidden)  # [1, n] -> [1, n, V]
+            total += token_nll(logits, piece[None, 1:]).double().sum()
+        count += len(tail) - 1
+    model.train(was_training)
+    total_nll = total.item()
+    return perplexity(total_nll, count), total_nll, count
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, loss: float, grad_norm: float | None) -> None:
+        super().__init__(f"non-finite training loss {loss} (grad norm {grad_norm}) at step {step}")
+        self.step = step
+        self.loss = loss
+        self.grad_norm = grad_norm
+
+
+def _diverged_record(run: RunDir | None, variant: str) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    for record in run.read_metrics():
+        if record.get("variant") == variant and record.get("split") == "diverged":
+            return record
+    return None
+
+
+def train_language_model(
+    model: nn.Module,
+    train_ids: Tensor,
+    settings: LMTrainSettings,
+    run: RunDir | None = None,
+    variant: str = "model",
+    valid_ids: Tensor | None = None,
+    test_ids: Tensor | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train ``model`` on the stream ``train_ids``; evaluate on valid/test after every epoch.
+
+    Args:
+        model: an ``RNNLanguageModel`` (or any module with its ``forward(tokens, hidden)`` and
+            ``init_hidden``), on the device to train on, initialized from the caller's seed.
+        train_ids: 1-d int64 training stream.
+        settings: epochs, windows, learning rate and its decay, clipping, intervals.
+        run: the run folder to log to and checkpoint into (None: no files).
+        variant: the model's name in the run (prefix of its checkpoints, ``variant`` field).
+        valid_ids, test_ids: 1-d evaluation streams (None: not evaluated).
+        resume: continue from the newest valid checkpoint of ``variant`` if there is one; a
+            variant whose divergence is on record is not trained again.
+
+    Returns:
+        ``{"status": "complete" | "stopped" | "diverged", "step", "epoch" (epochs completed),
+        "steps_per_epoch", "train_perplexity", "valid_perplexity", "test_perplexity" (latest),
+        "train_time_s", "tokens_per_s", "diverged" (None or {"step", "epoch", "loss",
+        "grad_norm"})}``.
+
+    Raises:
+        StopRequested: on SIGINT/SIGTERM, after writing a checkpoint.
+    """
+    device = next(model.parameters()).device
+    data = batchify(train_ids.to(device), settings.batch_size)  # [B, L]
+    steps_per_epoch = num_windows(data.shape[1], settings.num_steps)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"the training stream ({len(train_ids)} tokens) is too short for batch_size "
+            f"{settings.batch_size}"
+        )
+    total_steps = settings.epochs * steps_per_epoch
+    evaluations = [
+        (split, ids.to(device))
+        for split, ids in (("valid", valid_ids), ("test", test_ids))
+        if ids is not None
+    ]
+    log_every = max(1, settings.log_every)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
+    schedule = ExponentialAfterEpoch(settings.lr_decay, settings.epochs_at_full_lr)
+    precision = Precision(settings.precision, str(device))
+    state = TrainState({"model": model}, {"model": optimizer}, {"lr": schedule}, precision)
+    hidden0 = model.init_hidden(settings.batch_size)
+    hidden_parts = [hidden0] if isinstance(hidden0, Tensor) else list(hidden0)
+    state.extra_tensors = {
+        "nll_buffer": torch.zeros(log_every, dtype=torch.float64, device=device),
+        "grad_norm_buffer": torch.zeros(log_every, dtype=torch.float64, device=device),
+        "epoch_nll": torch.zeros((), dtype=torch.float64, device=device),
+        **{f"hidden.{i}": h for i, h in enumerate(hidden_parts)},
+    }
+    state.extra = {
+        "train_time_s": 0.0,
+        "log_tokens": 0,
+        "epoch_tokens": 0,
+        "last_log_step": 0,
+        "train_perplexity": None,
+        "last_eval": {},
+        "tokens_seen": 0,
+    }
+    if resume and run is not None:
+        if state.resume(run.checkpoints, variant) is not None:
+            state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
+        record = _diverged_record(run, variant)
+        if record is not None:  # deterministic: training it again would diverge again
+            return _result(state, steps_per_epoch, "diverged", record)
+        # The resumed run writes again, identically, whatever was logged after the checkpoint.
+        resumed_at = state.step
+        run.truncate_metrics(
+            lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= resumed_at
+        )
+        if state.complete:
+            return _result(state, steps_per_epoch, "complete")
+
+    tensors = state.extra_tensors
+    nll_buffer, norm_buffer = tensors["nll_buffer"], tensors["grad_norm_buffer"]
+    epoch_nll = tensors["epoch_nll"]
+    hidden: Hidden = tuple(tensors[f"hidden.{i}"] for i in range(len(hidden_parts)))
+    if len(hidden_parts) == 1:
+        hidden = hidden[0]
+    clock = {"train": state.extra["train_time_s"], "tick": time.perf_counter()}
+    checked = {"upto": state.step}  # losses of the steps before this one are known finite
+    clip = settings.clip_grad_norm
+
+    def check_finite(step: int) -> None:
+        """Raise ``_Diverged`` if a loss or gradient norm since the last check is not finite."""
+        first = checked["upto"]
+        if step <= first:
+            return
+        idx = torch.arange(first, step, device=device) % log_every
+        losses, norms = nll_buffer[idx], norm_buffer[idx]
+        bad = (~torch.isfinite(losses) | ~torch.isfinite(norms)).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            norm = norms[k].item() if clip else None
+            raise _Diverged(first + k + 1, losses[k].item(), norm)
+        checked["upto"] = step
+
+    def checkpoint() -> str | None:
+        check_finite(state.step)
+        if run is None:
+            return None
+        parts = [hidden] if isinstance(hidden, Tensor) else list(hidden)
+        tensors.update({f"hidden.{i}": h.detach() for i, h in enumerate(parts)})
+        clock_now = clock["train"] + time.perf_counter() - clock["tick"]
+        state.extra["train_time_s"] = clock_now
+        saved = state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints)
+        return str(saved)
+
+    def log(record: dict[str, Any]) -> None:
+        if run is not None:
+            run.log({"variant": variant, **record})
+
+    progress = _progress_bar(settings, total_steps, state.step, variant)
+    end_step = total_steps
+    if settings.stop_after is not None:
+        end_step = min(end_step, state.step + settings.stop_after)
+    saved: tuple[int, str | None] = (-1, None)  # (step, path) of the newest checkpoint
+    try:
+        with SignalGuard() as guard:
+            while state.step < end_step:
+                step = state.step
+                epoch, index = divmod(step, steps_per_epoch)
+                if index == 0:  # each epoch starts from the zero state (TF tutorial)
+                    hidden = model.init_hidden(settings.batch_size)
+                    epoch_nll.zero_()
+                    state.extra["epoch_tokens"] = 0
+                inputs, targets = window(data, index, settings.num_steps)  # [B, n], [B, n]
+                schedule.apply(optimizer, step, epoch)
+                model.train()
+                hidden = detach_hidden(hidden)  # truncated BPTT: no gradient into the last window
+                with precision.autocast():
+                    logits, hidden = model(inputs, hidden)  # [B, n, V]
+                nll = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    reduction="sum",
+                )  # [B * n, V] -> summed NLL of the window
+                loss = nll / settings.batch_size  # sum over time steps, mean over rows (TF)
+                optimizer.zero_grad(set_to_none=True)
+                precision.backward(loss)
+                if clip:
+                    precision.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    norm_buffer[step % log_every] = norm.detach().double()
+                precision.step(optimizer)
+                precision.update()
+                nll_buffer[step % log_every] = nll.detach().double()
+                epoch_nll += nll.detach().double()
+                state.extra["log_tokens"] += targets.numel()
+                state.extra["epoch_tokens"] += targets.numel()
+                state.extra["tokens_seen"] += targets.numel()
+                state.step = step = step + 1
+                epoch_end = step % steps_per_epoch == 0
+
+                if step % log_every == 0 or epoch_end:
+                    check_finite(step)
+                    last = state.extra["last_log_step"]
+                    idx = torch.arange(last, step, device=device) % log_every
+                    sums = torch.stack([nll_buffer[idx].sum(), norm_buffer[idx].sum()]).tolist()
+                    mean_nll = sums[0] / state.extra["log_tokens"]
+                    record = {
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "split": "train",
+                        "loss": mean_nll,
+                        "perplexity": _exp(mean_nll),
+                        "lr": optimizer.param_groups[0]["lr"],
+                    }
+                    if clip:
+                        record["grad_norm"] = sums[1] / (step - last)
+                    log(record)
+                    state.extra["log_tokens"] = 0
+                    state.extra["last_log_step"] = step
+                    if progress is not None:
+                        progress.set_postfix(ppl=f"{record['perplexity']:.1f}", epoch=epoch + 1)
+                        progress.update(step - last)
+
+                if epoch_end:
+                    clock["train"] += time.perf_counter() - clock["tick"]
+                    train_nll = epoch_nll.item() / state.extra["epoch_tokens"]
+                    state.extra["train_perplexity"] = _exp(train_nll)
+                    log(
+                        {
+                            "epoch": epoch + 1,
+                            "step": step,
+                            "split": "train_epoch",
+                            "loss": train_nll,
+                            "perplexity": _exp(train_nll),
+                            "lr": optimizer.param_groups[0]["lr"],
+                            "tokens": state.extra["epoch_tokens"],
+                        }
+                    )
+                    for split, ids in evaluations:
+                        ppl, total, count = evaluate_perplexity(
+                            model, ids, settings.eval_batch_size, settings.eval_num_steps
+                        )
+                        record = {"epoch": epoch + 1, "step": step, "split": split}
+                        record.update(perplexity=ppl, loss=total / count, tokens=count)
+                        log(record)
+                        state.extra["last_eval"][split] = ppl
+                    state.extra["last_eval"]["epoch"] = epoch + 1
+                    clock["tick"] = time.perf_counter()
+
+                state.complete = step == total_steps
+                periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
+                if state.complete or epoch_end or periodic:
+                    saved = (step, checkpoint())
+                if guard.received:
+                    path = saved[1] if saved[0] == step else checkpoint()
+                    raise StopRequested(guard.received, step, path)
+            if state.step < total_steps and saved[0] != state.step:  # stop_after
+                checkpoint()
+    except _Diverged as d:
+        clock["train"] += time.perf_counter() - clock["tick"]
+        state.extra["train_time_s"] = clock["train"]
+        epoch = (d.step - 1) // steps_per_epoch + 1
+        record = {"epoch": epoch, "step": d.step, "split": "diverged", "loss": d.loss}
+        if d.grad_norm is not None:
+            record["grad_norm"] = d.grad_norm
+        log(record)
+        return _result(state, steps_per_epoch, "diverged", record)
+    finally:
+        if progress is not None:
+            progress.close()
+    clock["train"] += time.perf_counter() - clock["tick"]
+    state.extra["train_time_s"] = clock["train"]
+    return _result(state, steps_per_epoch, "complete" if state.complete else "stopped")
+
+
+def _result(
+    state: TrainState, steps_per_epoch: int, status: str, diverged: dict | None = None
+) -> dict[str, Any]:
+    extra = state.extra
+    last_eval = extra.get("last_eval") or {}
+    train_time = extra.get("train_time_s") or 0.0
+    tokens = extra.get("tokens_seen") or 0
+    step = state.step
+    if diverged is not None:
+        norm = diverged.get("grad_norm")  # metrics.jsonl stores nan and inf as strings
+        diverged = {
+            "step": int(diverged["step"]),
+            "epoch": int(diverged["epoch"]),
+            "loss": float(diverged["loss"]),
+            "grad_norm": None if norm is None else float(norm),
+        }
+        step = int(diverged["step"])  # the step whose loss (or gradient) was not finite
+    return {
+        "status": status,
+        "step": step,
+        "epoch": step // steps_per_epoch if diverged is None else int(diverged["epoch"]) - 1,
+        "steps_per_epoch": steps_per_epoch,
+        "train_perplexity": extra.get("train_perplexity"),
+        "valid_perplexity": last_eval.get("valid"),
+        "test_perplexity": last_eval.get("test"),
+        "train_time_s": train_time,
+        "tokens_per_s": tokens / train_time if train_time > 0 else None,
+        "diverged": diverged,
+    }
+
+
+def _progress_bar(settings: LMTrainSettings, total: int, start: int, variant: str):
+    if not settings.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=variant, unit="step", dynamic_ncols=True)
