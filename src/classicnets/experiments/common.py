@@ -162,7 +162,11 @@ class SampleRequest:
 # name -> module; modules are imported on first use so `classicnets list` stays fast.
 _MODULES = {
     "bn-mlp": "classicnets.experiments.bn_mlp",
+    "conv-ae": "classicnets.experiments.conv_ae",
     "resnet-vs-mlp": "classicnets.experiments.resnet_vs_mlp",
+    "rnn-vs-lstm": "classicnets.experiments.rnn_vs_lstm",
+    "vae": "classicnets.experiments.vae",
+    "gan": "classicnets.experiments.gan",
 }
 EXPERIMENTS: dict[str, Experiment] = {}
 

@@ -3,12 +3,14 @@
 from classicnets.models.mlp import MLP
 from classicnets.models.registry import create_model, list_models, model_entry, register_model
 from classicnets.models.resnet import BasicBlock, Bottleneck, ResNet
+from classicnets.models.rnnlm import RNNLanguageModel
 
 __all__ = [
     "MLP",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "RNNLanguageModel",
     "create_model",
     "list_models",
     "model_entry",

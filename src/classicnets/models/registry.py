@@ -66,7 +66,7 @@ def register_model(
 
 def _ensure_loaded() -> None:
     # Importing the family modules runs their @register_model decorators.
-    from classicnets.models import mlp, resnet  # noqa: F401
+    from classicnets.models import autoencoder, gan, mlp, resnet, rnnlm, vae  # noqa: F401
 
 
 def list_models() -> list[ModelEntry]:
