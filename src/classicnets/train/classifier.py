@@ -319,6 +319,7 @@ def train_classifier(
         return record
 
     last_eval = log_eval(0) if state.step == 0 else {}  # step 0: the first point of each curve
+    clock["tick"] = time.perf_counter()  # training time excludes every evaluation, step 0's too
     progress = _progress_bar(settings, state.step, variant) if ctx.is_main else None
     end_step = settings.steps
     if settings.stop_after is not None:
@@ -328,14 +329,17 @@ def train_classifier(
         with SignalGuard() as guard:
             while state.step < end_step:
                 step = state.step
-                index = next(batches)[local]  # this process's slice of the global batch
+                index = next(batches)
+                if ctx.enabled:
+                    index = index[local]  # this process's slice of the global batch
                 schedule.apply(optimizer, step, batches.epoch)
                 xb = data.train_x[index]
                 if augment is not None:
                     xb = augment(xb, step)
                 xb = inputs_channels_last(xb, settings.channels_last)
                 yb = data.train_y[index]
-                train_model.train()
+                if not train_model.training:  # evaluation switched to eval(): back to train
+                    train_model.train()
                 with precision.autocast():
                     logits = train_model(xb)
                 loss = F.cross_entropy(logits.float(), yb)
