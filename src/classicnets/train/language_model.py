@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from classicnets.data.ptb import batchify, evaluation_rows, num_windows, window
 from classicnets.models.rnnlm import Hidden, detach_hidden
+from classicnets.train.distributed import get_context
 from classicnets.train.faults import SignalGuard, StopRequested
 from classicnets.train.precision import Precision
 from classicnets.train.run import RunDir
@@ -246,7 +247,10 @@ def train_language_model(
 
     Raises:
         StopRequested: on SIGINT/SIGTERM, after writing a checkpoint.
+        RuntimeError: under torchrun (this loop runs in one process).
     """
+    if get_context().enabled:
+        raise RuntimeError("the language-model loop runs in one process; start it without torchrun")
     device = next(model.parameters()).device
     data = batchify(train_ids.to(device), settings.batch_size)  # [B, L]
     steps_per_epoch = num_windows(data.shape[1], settings.num_steps)
