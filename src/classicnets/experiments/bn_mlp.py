@@ -214,17 +214,9 @@ def _summary(config, run_dir, results, wall_time, device) -> dict[str, Any]:
     }
 
 
-def _test_curves(run_dir: RunDir) -> dict[str, list[dict]]:
-    curves: dict[str, list[dict]] = {}
-    for r in run_dir.read_metrics():
-        if r.get("split") == "test":
-            curves.setdefault(r["variant"], []).append(r)
-    return curves
-
-
 def bn_ahead_fraction(run_dir: RunDir) -> float | None:
     """Fraction of common evaluation steps (> 0) at which BN's test accuracy beats plain's."""
-    curves = _test_curves(run_dir)
+    curves = run_dir.records("test")
     if "bn" not in curves or "plain" not in curves:
         return None
     plain = {r["step"]: r["accuracy"] for r in curves["plain"] if r["step"] > 0}
@@ -239,7 +231,7 @@ def write_plots(run_dir: RunDir) -> list:
     """Panels (a) test accuracy against steps, (b, c) sigmoid-input percentiles; train loss."""
     from classicnets.report import Panel, line_plot, multi_panel_plot
 
-    curves = _test_curves(run_dir)
+    curves = run_dir.records("test")
     if not curves:
         return []
     names = {"plain": "without BN", "bn": "with BN"}
@@ -275,12 +267,7 @@ def write_plots(run_dir: RunDir) -> list:
     written.append(
         multi_panel_plot(run_dir.plots / "sigmoid_input_percentiles.png", panels, sharey=True)
     )
-    train: dict[str, tuple[list, list]] = {}
-    for r in run_dir.read_metrics():
-        if r.get("split") == "train":
-            xs, ys = train.setdefault(names.get(r["variant"], r["variant"]), ([], []))
-            xs.append(r["step"])
-            ys.append(r["loss"])
+    train = run_dir.curves("train", "loss", rename=names)
     if train:
         written.append(
             line_plot(

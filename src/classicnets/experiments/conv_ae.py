@@ -271,19 +271,11 @@ def reconstruction_grid(
     return save_figure(fig, path)
 
 
-def _test_curves(run_dir: RunDir) -> dict[str, list[dict]]:
-    curves: dict[str, list[dict]] = {}
-    for r in run_dir.read_metrics():
-        if r.get("split") == "test":
-            curves.setdefault(r["variant"], []).append(r)
-    return curves
-
-
 def write_plots(run_dir: RunDir) -> list:
     """Test reconstruction error (squared error per pixel) and training loss against steps."""
     from classicnets.report import line_plot
 
-    curves = _test_curves(run_dir)
+    curves = run_dir.records("test")
     if not curves:
         return []
     written = [
@@ -299,12 +291,7 @@ def write_plots(run_dir: RunDir) -> list:
             logy=True,
         )
     ]
-    train: dict[str, tuple[list, list]] = {}
-    for r in run_dir.read_metrics():
-        if r.get("split") == "train":
-            xs, ys = train.setdefault(NAMES.get(r["variant"], r["variant"]), ([], []))
-            xs.append(r["step"])
-            ys.append(r["loss"])
+    train = run_dir.curves("train", "loss", rename=NAMES)
     if train:
         written.append(
             line_plot(

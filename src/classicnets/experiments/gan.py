@@ -369,16 +369,6 @@ def _summary(config, results, scoring, wall_time, device) -> dict[str, Any]:
     return summary
 
 
-def _curves(run_dir: RunDir, split: str, key: str) -> dict[str, tuple[list, list]]:
-    curves: dict[str, tuple[list, list]] = {}
-    for r in run_dir.read_metrics():
-        if r.get("split") == split and r.get(key) is not None:
-            xs, ys = curves.setdefault(r["variant"], ([], []))
-            xs.append(r["step"])
-            ys.append(r[key])
-    return curves
-
-
 def write_plots(run_dir: RunDir, config: GANConfig) -> list[Path]:
     """Losses, D(x) and D(G(z)), diversity, eval scores against steps; grids over training."""
     from classicnets.report import Panel, multi_panel_plot
@@ -387,7 +377,7 @@ def write_plots(run_dir: RunDir, config: GANConfig) -> list[Path]:
         return []
 
     def named(split, key, label):
-        curves = _curves(run_dir, split, key)
+        curves = run_dir.curves(split, key)
         return {f"{v} {label}".strip(): xy for v, xy in curves.items()}
 
     written = []

@@ -215,12 +215,7 @@ def _summary(config, results, wall_time, device, steps) -> dict[str, Any]:
 def write_plots(run_dir: RunDir) -> None:
     from classicnets.report import line_plot
 
-    curves: dict[str, tuple[list, list]] = {}
-    for r in run_dir.read_metrics():
-        if r.get("split") == "test":
-            xs, ys = curves.setdefault(r["variant"], ([], []))
-            xs.append(r["step"])
-            ys.append(r["accuracy"])
+    curves = run_dir.curves("test", "accuracy")
     if curves and run_dir.writer:
         line_plot(
             run_dir.plots / "test_accuracy.png",

@@ -156,6 +156,28 @@ class RunDir:
                 continue
         return records
 
+    def records(self, split: str) -> dict[str, list[dict[str, Any]]]:
+        """The metrics records of ``split``, per variant, in logged order."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in self.read_metrics():
+            if r.get("split") == split:
+                out.setdefault(r["variant"], []).append(r)
+        return out
+
+    def curves(
+        self, split: str, key: str, rename: dict[str, str] | None = None
+    ) -> dict[str, tuple[list, list]]:
+        """``{variant: (steps, values)}`` of ``key`` in the records of ``split`` that have it;
+        ``rename`` maps variant names to display names."""
+        out: dict[str, tuple[list, list]] = {}
+        for r in self.read_metrics():
+            if r.get("split") == split and r.get(key) is not None:
+                name = (rename or {}).get(r["variant"], r["variant"])
+                xs, ys = out.setdefault(name, ([], []))
+                xs.append(r["step"])
+                ys.append(r[key])
+        return out
+
     def truncate_metrics(self, keep) -> None:
         """Rewrite ``metrics.jsonl`` atomically keeping only the records where ``keep(r)``.
 
