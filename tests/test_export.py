@@ -144,6 +144,25 @@ def test_onnxruntime_matches_torch(entry, fold, tmp_path):
         assert within_tolerance(error, scale), f"batch {batch}: {error:.3g} of scale {scale:.3g}"
 
 
+@pytest.mark.parametrize("name", ["gan", "cgan"])
+def test_gan_graph_keeps_a_dynamic_batch_axis_under_tracing(name, tmp_path):
+    """The GAN's forward takes its batch size as ``shape[0]``, which tracing records as the
+    input's size (``len()`` would be baked in as a constant), so the fast TorchScript exporter's
+    graph passes the check at batch sizes other than the traced one, without the dynamo
+    fallback."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from classicnets.export.onnx_export import export_onnx
+
+    entry = next(e for e in ENTRIES if e.name == name)
+    model = _model(entry)
+    report = export_onnx(
+        model, _info(entry, model), tmp_path / "m.onnx", exporter="torchscript",
+        batch_sizes=(1, 5),
+    )  # fmt: skip
+    assert report.details["exporter"] == "torchscript"
+
+
 def test_language_model_state_is_an_input_and_an_output(tmp_path):
     torch.manual_seed(0)
     model = create_model("rnnlm-lstm", vocab_size=12, hidden_size=6, num_layers=2).eval()

@@ -46,8 +46,14 @@ def _one_hot(y: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     return F.one_hot(y.long(), num_classes).to(dtype)  # (N, K)
 
 
-def _cycled_labels(n: int, num_classes: int, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device) % num_classes  # 0, 1, ..., K-1, 0, 1, ...
+def _cycled_labels(like: Tensor, num_classes: int) -> Tensor:
+    """The labels 0, 1, ..., K-1, 0, 1, ... for each row of ``like``.
+
+    ``like.shape[0]`` rather than ``len(like)``, here and in the reshapes below: tracing records
+    the former as the input's batch size and the latter as a constant, so a traced (ONNX) graph
+    keeps its dynamic batch axis.
+    """
+    return torch.arange(like.shape[0], device=like.device) % num_classes
 
 
 class Generator(nn.Module):
@@ -99,12 +105,12 @@ class Generator(nn.Module):
         h = z
         if self.conditional:
             if y is None:
-                y = _cycled_labels(len(z), self.num_classes, z.device)
+                y = _cycled_labels(z, self.num_classes)
             h = torch.cat([z, _one_hot(y, self.num_classes, z.dtype)], dim=1)  # (N, latent + K)
         for layer in self.hidden:
             h = layer(h)  # (N, hidden)
         pixels = torch.sigmoid(self.output(h))  # (N, C*H*W)
-        return pixels.reshape(len(z), *self.image_shape)  # (N, C, H, W)
+        return pixels.reshape(z.shape[0], *self.image_shape)  # (N, C, H, W)
 
 
 class Discriminator(nn.Module):
@@ -143,10 +149,10 @@ class Discriminator(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Logits ``(N,)`` for images ``x`` ``(N, ...)`` and, if conditional, labels ``y``."""
-        h = x.reshape(len(x), -1)  # (N, C*H*W)
+        h = x.reshape(x.shape[0], -1)  # (N, C*H*W)
         if self.conditional:
             if y is None:
-                y = _cycled_labels(len(x), self.num_classes, x.device)
+                y = _cycled_labels(x, self.num_classes)
             h = torch.cat([h, _one_hot(y, self.num_classes, h.dtype)], dim=1)  # (N, C*H*W + K)
         for layer in self.hidden:
             h = layer(h)  # (N, hidden)
@@ -207,7 +213,7 @@ class GAN(nn.Module):
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         if self.conditional and y is None:
-            y = _cycled_labels(len(z), self.num_classes, z.device)
+            y = _cycled_labels(z, self.num_classes)
         return self.discriminator(self.generator(z, y), y)  # (N,) logits of D(G(z))
 
 
