@@ -230,3 +230,22 @@ def test_cli_sample_writes_a_png_of_the_asked_digit(quick_run, capsys, tmp_path)
     )
     assert main(["sample", str(run_dir), "--variant", "vae-bce", "--label", "3"]) == 2
     assert "--label needs a cvae variant" in capsys.readouterr().err
+
+
+def test_run_killed_before_its_first_checkpoint_resumes_from_scratch(
+    quick_run, overrides, tmp_path
+):
+    """No checkpoint left (a kill before the first one): the resumed run starts the variant
+    over and writes its records, step 0 included, once: the metrics equal the full run's."""
+    full_dir, _ = quick_run
+    out = tmp_path / "killed"
+    run_experiment("vae", [*overrides, "stop_after=20"], quick=True, device="cpu", out=out)
+    for path in (out / "checkpoints").iterdir():
+        path.unlink()
+    assert any(r["step"] == 0 for r in RunDir(out).read_metrics())
+    config_path = out / "config.json"
+    record = json.loads(config_path.read_text())
+    record["config"]["stop_after"] = None
+    config_path.write_text(json.dumps(record))
+    assert resume_experiment(out, device="cpu")["status"] == "complete"
+    assert RunDir(out).read_metrics() == RunDir(full_dir).read_metrics()

@@ -29,7 +29,6 @@ checkpoint (``StopRequested``). One process only: under ``torchrun`` it refuses 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -38,13 +37,19 @@ from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches, iterate_in_order
 from classicnets.train.classifier import (
-    NonFiniteLossError,
     TrainSettings,
     make_optimizer,
     make_schedule_from_settings,
 )
 from classicnets.train.distributed import get_context
 from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.loop import (
+    FiniteCheck,
+    TrainClock,
+    checkpoint_due,
+    end_step,
+    resume_variant,
+)
 from classicnets.train.params import param_groups
 from classicnets.train.precision import (
     Precision,
@@ -158,15 +163,7 @@ def train_autoencoder(
         return {f"{prefix}{k}": v for k, v in metrics.items()}
 
     if resume and run is not None:
-        restored = state.resume(run.checkpoints, variant) is not None
-        if restored:
-            state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
-        # What was logged after the checkpoint is written again, identically: everything of this
-        # variant (its step-0 evaluation included) when it never reached a checkpoint.
-        resumed_at = state.step if restored else -1
-        run.truncate_metrics(
-            lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= resumed_at
-        )
+        resume_variant(state, run, variant, device)
         if state.complete:
             return {
                 "step": state.step,
@@ -178,28 +175,14 @@ def train_autoencoder(
     train_model = maybe_compile(model, settings.compile)
     loss_buffer = state.extra_tensors["loss_buffer"]
     norm_buffer = state.extra_tensors["grad_norm_buffer"]
-    clock = {"train": state.extra["train_time_s"], "tick": time.perf_counter()}
-    checked = {"upto": state.step}  # the losses up to this step are known to be finite
-
-    def check_finite(step: int) -> None:
-        first = checked["upto"]
-        if step <= first:
-            return
-        losses = loss_buffer[torch.arange(first, step, device=device) % log_every]
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            raise NonFiniteLossError(
-                f"{variant}: training loss is {losses[int(bad[0])].item()} at step "
-                f"{first + int(bad[0]) + 1}; stopped. The newest checkpoint (written before "
-                f"that step) is kept intact."
-            )
-        checked["upto"] = step
+    clock = TrainClock(state.extra["train_time_s"])
+    check_finite = FiniteCheck(variant, state.step, device, log_every, loss_buffer.__getitem__)
 
     def checkpoint() -> str | None:
         check_finite(state.step)
         if run is None:
             return None
-        state.extra["train_time_s"] = clock["train"] + time.perf_counter() - clock["tick"]
+        state.extra["train_time_s"] = clock.elapsed()
         return str(state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints))
 
     def log_eval(step: int) -> dict[str, Any]:
@@ -208,14 +191,15 @@ def train_autoencoder(
             run.log(record)
         return record
 
-    last_eval = log_eval(0) if state.step == 0 else {}  # step 0: the first point of each curve
+    last_eval = {}
+    if state.step == 0:  # step 0: the first point of each curve
+        with clock.paused():
+            last_eval = log_eval(0)
     progress = _progress(settings, state.step, variant)
-    end_step = settings.steps
-    if settings.stop_after is not None:
-        end_step = min(end_step, state.step + settings.stop_after)
+    stop_at = end_step(settings.steps, state.step, settings.stop_after)
     try:
         with SignalGuard() as guard:
-            while state.step < end_step:
+            while state.step < stop_at:
                 step = state.step
                 index = next(batches)
                 schedule.apply(optimizer, step, batches.epoch)
@@ -255,15 +239,12 @@ def train_autoencoder(
                         progress.set_postfix(loss=f"{mean_loss:.2f}", test_mse=f"{test_mse:.4f}")
                         progress.update(n)
                 if step % settings.eval_every == 0 or step == settings.steps:
-                    clock["train"] += time.perf_counter() - clock["tick"]
-                    last_eval = log_eval(step)
+                    with clock.paused():
+                        last_eval = log_eval(step)
                     if hasattr(schedule, "observe") and state.extra["last_train_loss"] is not None:
                         schedule.observe(state.extra["last_train_loss"])  # plateau: training loss
-                    clock["tick"] = time.perf_counter()
                 state.complete = step == settings.steps
-                if state.complete or (
-                    settings.checkpoint_every and step % settings.checkpoint_every == 0
-                ):
+                if checkpoint_due(step, settings.steps, settings.checkpoint_every):
                     checkpoint()
                 if guard.received:
                     raise StopRequested(guard.received, step, checkpoint())
@@ -272,11 +253,10 @@ def train_autoencoder(
     finally:
         if progress is not None:
             progress.close()
-    clock["train"] += time.perf_counter() - clock["tick"]
     result: dict[str, Any] = {
         "step": state.step,
         "complete": state.complete,
-        "train_time_s": clock["train"],
+        "train_time_s": clock.elapsed(),
     }
     if last_eval:
         result.update({f"test_{k}": last_eval[k] for k in ("loss", "mse", "bce")})

@@ -12,7 +12,6 @@ resumed from step k continues bit for bit like an uninterrupted run on CPU in de
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,14 @@ from classicnets.data.batching import ShuffledBatches, iterate_in_order
 from classicnets.nn.batchnorm import convert_sync_batchnorm
 from classicnets.train.distributed import get_context, sync_bn_buffers, wrap_ddp
 from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.loop import (
+    FiniteCheck,
+    NonFiniteLossError,
+    TrainClock,
+    checkpoint_due,
+    end_step,
+    resume_variant,
+)
 from classicnets.train.params import param_groups
 from classicnets.train.precision import (
     Precision,
@@ -46,10 +53,6 @@ __all__ = [
     "set_deterministic",
     "train_classifier",
 ]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step and the value."""
 
 
 @dataclass
@@ -265,16 +268,7 @@ def train_classifier(
     }
     state.extra = {"correct": 0, "seen": 0, "train_time_s": 0.0, "last_train_loss": None}
     if resume and run is not None:
-        found = state.resume(run.checkpoints, variant)
-        if found is not None:
-            state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
-        # The resumed run writes again, identically, whatever was logged after the checkpoint
-        # (everything of this variant, step 0 included, if it never reached a checkpoint).
-        resumed_at = state.step if found is not None else -1
-        if ctx.is_main:
-            run.truncate_metrics(
-                lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= resumed_at
-            )
+        resume_variant(state, run, variant, device, truncate=ctx.is_main)
         if state.complete:
             result = {"step": state.step, "complete": True}
             result["train_time_s"] = state.extra["train_time_s"]
@@ -285,36 +279,18 @@ def train_classifier(
     loss_buffer = state.extra_tensors["loss_buffer"]
     norm_buffer = state.extra_tensors["grad_norm_buffer"]
     correct = torch.tensor(state.extra["correct"], dtype=torch.long, device=device)
-    clock = {"train": state.extra["train_time_s"], "tick": time.perf_counter()}
-    checked = {"upto": state.step}  # losses up to this step are known finite
-
-    def check_finite(step: int) -> None:
-        """Raise if a loss since the last check is not finite (all ranks agree)."""
-        first = checked["upto"]
-        if step <= first:
-            return
-        idx = torch.arange(first, step, device=device) % log_every
-        losses = loss_buffer[idx]
-        bad = (~torch.isfinite(losses)).nonzero()
-        flag = torch.tensor([float(len(bad))], device=device)
-        if ctx.enabled:
-            torch.distributed.all_reduce(flag)
-        if flag.item() > 0:
-            bad_step = first + int(bad[0]) + 1 if len(bad) else first + 1
-            value = losses[int(bad[0])].item() if len(bad) else float("nan")
-            raise NonFiniteLossError(
-                f"{variant}: training loss is {value} at step {bad_step}; stopped. The newest "
-                f"checkpoint (written before that step) is kept intact."
-            )
-        checked["upto"] = step
+    clock = TrainClock(state.extra["train_time_s"])
+    all_reduce = torch.distributed.all_reduce if ctx.enabled else None
+    check_finite = FiniteCheck(
+        variant, state.step, device, log_every, loss_buffer.__getitem__, all_reduce=all_reduce
+    )
 
     def checkpoint() -> str | None:
         check_finite(state.step)
         sync_bn_buffers(model, ctx)
         if run is None or not ctx.is_main:
             return None
-        clock_now = clock["train"] + time.perf_counter() - clock["tick"]
-        state.extra.update(correct=int(correct), train_time_s=clock_now)
+        state.extra.update(correct=int(correct), train_time_s=clock.elapsed())
         return str(state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints))
 
     def log_eval(step: int) -> dict[str, Any]:
@@ -325,16 +301,16 @@ def train_classifier(
             run.log(record)
         return record
 
-    last_eval = log_eval(0) if state.step == 0 else {}  # step 0: the first point of each curve
-    clock["tick"] = time.perf_counter()  # training time excludes every evaluation, step 0's too
+    last_eval = {}
+    if state.step == 0:  # step 0: the first point of each curve
+        with clock.paused():  # training time excludes every evaluation, step 0's too
+            last_eval = log_eval(0)
     progress = _progress_bar(settings, state.step, variant) if ctx.is_main else None
-    end_step = settings.steps
-    if settings.stop_after is not None:
-        end_step = min(end_step, state.step + settings.stop_after)
+    stop_at = end_step(settings.steps, state.step, settings.stop_after)
     local = ctx.local_slice(settings.batch_size) if ctx.enabled else slice(None)
     try:
         with SignalGuard() as guard:
-            while state.step < end_step:
+            while state.step < stop_at:
                 step = state.step
                 index = next(batches)
                 if ctx.enabled:
@@ -402,15 +378,12 @@ def train_classifier(
                         )
                         progress.update(n)
                 if step % settings.eval_every == 0 or step == settings.steps:
-                    clock["train"] += time.perf_counter() - clock["tick"]
-                    last_eval = log_eval(step)
+                    with clock.paused():
+                        last_eval = log_eval(step)
                     if hasattr(schedule, "observe") and state.extra["last_train_loss"] is not None:
                         schedule.observe(state.extra["last_train_loss"])  # plateau: training loss
-                    clock["tick"] = time.perf_counter()
                 state.complete = step == settings.steps
-                if state.complete or (
-                    settings.checkpoint_every and step % settings.checkpoint_every == 0
-                ):
+                if checkpoint_due(step, settings.steps, settings.checkpoint_every):
                     checkpoint()
                 if guard.received and not ctx.enabled:
                     raise StopRequested(guard.received, step, checkpoint())
@@ -419,8 +392,7 @@ def train_classifier(
     finally:
         if progress is not None:
             progress.close()
-    clock["train"] += time.perf_counter() - clock["tick"]
-    result = {"step": state.step, "complete": state.complete, "train_time_s": clock["train"]}
+    result = {"step": state.step, "complete": state.complete, "train_time_s": clock.elapsed()}
     if last_eval:
         result["test_accuracy"] = last_eval["accuracy"]
         result["test_loss"] = last_eval["loss"]

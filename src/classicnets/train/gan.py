@@ -27,7 +27,6 @@ import io
 import json
 import math
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,9 +40,15 @@ from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches
 from classicnets.train.checkpoint import atomic_write_bytes, atomic_write_text
-from classicnets.train.classifier import NonFiniteLossError
 from classicnets.train.distributed import get_context
 from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.loop import (
+    FiniteCheck,
+    TrainClock,
+    checkpoint_due,
+    end_step,
+    resume_variant,
+)
 from classicnets.train.params import select_parameters
 from classicnets.train.precision import Precision
 from classicnets.train.run import RunDir
@@ -804,49 +809,28 @@ def train_gan(
         return out
 
     if resume and run is not None:
-        if state.resume(run.checkpoints, variant) is not None:
-            state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
+        if resume_variant(state, run, variant, device) is not None:
             monitor.load_state_dict(state.extra["monitor"])
-        resumed_at = state.step
-        # The resumed run writes again, identically, whatever was logged after the checkpoint.
-        # (Everything of this variant if it never reached a checkpoint: step 0 is logged again.)
-        run.truncate_metrics(
-            lambda r: (
-                r.get("variant") != variant
-                or (resumed_at > 0 and int(r.get("step", 0)) <= resumed_at)
-            )
-        )
         if state.complete:
             return result()
 
     step_buffer = state.extra_tensors["step_buffer"]
     z_fixed, y_fixed, real_diversity = _diversity_batch(model, images, labels, settings)
-    clock = {"train": state.extra["train_time_s"], "tick": time.perf_counter()}
-    checked = {"upto": state.step}  # losses up to this step are known finite
-
-    def check_finite(step: int) -> None:
-        first = checked["upto"]
-        if step <= first:
-            return
-        rows = step_buffer[torch.arange(first, step, device=device) % log_every]  # (k, 4)
-        losses = rows[:, :2]
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            i, j = int(bad[0, 0]), int(bad[0, 1])
-            raise NonFiniteLossError(
-                f"{variant}: {STEP_KEYS[j]} is {losses[i, j].item()} at step {first + i + 1}; "
-                f"stopped. The newest checkpoint (written before that step) is kept intact."
-            )
-        checked["upto"] = step
+    clock = TrainClock(state.extra["train_time_s"])
+    check_finite = FiniteCheck(
+        variant,
+        state.step,
+        device,
+        log_every,
+        lambda idx: step_buffer[idx, :2],  # (k, 2): the two losses, of the four step values
+        names=STEP_KEYS[:2],
+    )
 
     def checkpoint() -> str | None:
         check_finite(state.step)
         if run is None:
             return None
-        state.extra.update(
-            train_time_s=clock["train"] + time.perf_counter() - clock["tick"],
-            monitor=monitor.state_dict(),
-        )
+        state.extra.update(train_time_s=clock.elapsed(), monitor=monitor.state_dict())
         return str(state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints))
 
     def log(record: dict[str, Any]) -> None:
@@ -870,26 +854,23 @@ def train_gan(
     def run_eval(step: int) -> None:
         if eval_hook is None:
             return
-        clock["train"] += time.perf_counter() - clock["tick"]
-        model.generator.eval()
-        with torch.no_grad():
-            metrics = eval_hook(model.generator, step)
-        model.generator.train()
-        state.extra["last_eval"] = dict(metrics)
-        log({"variant": variant, "step": step, "split": "eval", **metrics})
-        clock["tick"] = time.perf_counter()
+        with clock.paused():
+            model.generator.eval()
+            with torch.no_grad():
+                metrics = eval_hook(model.generator, step)
+            model.generator.train()
+            state.extra["last_eval"] = dict(metrics)
+            log({"variant": variant, "step": step, "split": "eval", **metrics})
 
     if state.step == 0:  # the first point of each curve
         save_step_grid(0)
         if settings.eval_every:
             run_eval(0)
     progress = _progress_bar(settings, state.step, variant)
-    end_step = settings.steps
-    if settings.stop_after is not None:
-        end_step = min(end_step, state.step + settings.stop_after)
+    stop_at = end_step(settings.steps, state.step, settings.stop_after)
     try:
         with SignalGuard() as guard:
-            while state.step < end_step:
+            while state.step < stop_at:
                 step = state.step
                 index = next(batches)
                 real = images[index]  # (B, 1, 28, 28)
@@ -932,9 +913,7 @@ def train_gan(
                 ):
                     run_eval(step)
                 state.complete = step == settings.steps
-                if state.complete or (
-                    settings.checkpoint_every and step % settings.checkpoint_every == 0
-                ):
+                if checkpoint_due(step, settings.steps, settings.checkpoint_every):
                     checkpoint()
                 if guard.received:
                     raise StopRequested(guard.received, step, checkpoint())
@@ -943,8 +922,7 @@ def train_gan(
     finally:
         if progress is not None:
             progress.close()
-    clock["train"] += time.perf_counter() - clock["tick"]
-    state.extra["train_time_s"] = clock["train"]
+    state.extra["train_time_s"] = clock.elapsed()
     return result()
 
 

@@ -47,7 +47,6 @@ counted from the start of training) and ``split``:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +58,13 @@ from classicnets.data.ptb import batchify, evaluation_rows, num_windows, window
 from classicnets.models.rnnlm import Hidden, detach_hidden
 from classicnets.train.distributed import get_context
 from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.loop import (
+    FiniteCheck,
+    TrainClock,
+    end_step,
+    resume_variant,
+    truncate_after,
+)
 from classicnets.train.precision import Precision
 from classicnets.train.run import RunDir
 from classicnets.train.schedules import ExponentialAfterEpoch
@@ -289,16 +295,11 @@ def train_language_model(
         "tokens_seen": 0,
     }
     if resume and run is not None:
-        if state.resume(run.checkpoints, variant) is not None:
-            state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
+        resumed_at = resume_variant(state, run, variant, device, truncate=False)
         record = _diverged_record(run, variant)
         if record is not None:  # deterministic: training it again would diverge again
             return _result(state, steps_per_epoch, "diverged", record)
-        # The resumed run writes again, identically, whatever was logged after the checkpoint.
-        resumed_at = state.step
-        run.truncate_metrics(
-            lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= resumed_at
-        )
+        truncate_after(run, variant, resumed_at)
         if state.complete:
             return _result(state, steps_per_epoch, "complete")
 
@@ -308,23 +309,23 @@ def train_language_model(
     hidden: Hidden = tuple(tensors[f"hidden.{i}"] for i in range(len(hidden_parts)))
     if len(hidden_parts) == 1:
         hidden = hidden[0]
-    clock = {"train": state.extra["train_time_s"], "tick": time.perf_counter()}
-    checked = {"upto": state.step}  # losses of the steps before this one are known finite
+    clock = TrainClock(state.extra["train_time_s"])
     clip = settings.clip_grad_norm
+    finite = FiniteCheck(
+        variant,
+        state.step,
+        device,
+        log_every,
+        lambda idx: torch.stack([nll_buffer[idx], norm_buffer[idx]], dim=1),  # (k, 2)
+    )
 
     def check_finite(step: int) -> None:
         """Raise ``_Diverged`` if a loss or gradient norm since the last check is not finite."""
-        first = checked["upto"]
-        if step <= first:
-            return
-        idx = torch.arange(first, step, device=device) % log_every
-        losses, norms = nll_buffer[idx], norm_buffer[idx]
-        bad = (~torch.isfinite(losses) | ~torch.isfinite(norms)).nonzero()
-        if len(bad):
-            k = int(bad[0])
-            norm = norms[k].item() if clip else None
-            raise _Diverged(first + k + 1, losses[k].item(), norm)
-        checked["upto"] = step
+        found = finite.first_bad(step)
+        if found is not None:
+            bad_step, _, values = found
+            row = values[bad_step - finite.checked_upto - 1]
+            raise _Diverged(bad_step, row[0].item(), row[1].item() if clip else None)
 
     def checkpoint() -> str | None:
         check_finite(state.step)
@@ -332,8 +333,7 @@ def train_language_model(
             return None
         parts = [hidden] if isinstance(hidden, Tensor) else list(hidden)
         tensors.update({f"hidden.{i}": h.detach() for i, h in enumerate(parts)})
-        clock_now = clock["train"] + time.perf_counter() - clock["tick"]
-        state.extra["train_time_s"] = clock_now
+        state.extra["train_time_s"] = clock.elapsed()
         saved = state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints)
         return str(saved)
 
@@ -342,13 +342,11 @@ def train_language_model(
             run.log({"variant": variant, **record})
 
     progress = _progress_bar(settings, total_steps, state.step, variant)
-    end_step = total_steps
-    if settings.stop_after is not None:
-        end_step = min(end_step, state.step + settings.stop_after)
+    stop_at = end_step(total_steps, state.step, settings.stop_after)
     saved: tuple[int, str | None] = (-1, None)  # (step, path) of the newest checkpoint
     try:
         with SignalGuard() as guard:
-            while state.step < end_step:
+            while state.step < stop_at:
                 step = state.step
                 epoch, index = divmod(step, steps_per_epoch)
                 if index == 0:  # each epoch starts from the zero state (TF tutorial)
@@ -407,30 +405,29 @@ def train_language_model(
                         progress.update(step - last)
 
                 if epoch_end:
-                    clock["train"] += time.perf_counter() - clock["tick"]
-                    train_nll = epoch_nll.item() / state.extra["epoch_tokens"]
-                    state.extra["train_perplexity"] = _exp(train_nll)
-                    log(
-                        {
-                            "epoch": epoch + 1,
-                            "step": step,
-                            "split": "train_epoch",
-                            "loss": train_nll,
-                            "perplexity": _exp(train_nll),
-                            "lr": optimizer.param_groups[0]["lr"],
-                            "tokens": state.extra["epoch_tokens"],
-                        }
-                    )
-                    for split, ids in evaluations:
-                        ppl, total, count = evaluate_perplexity(
-                            model, ids, settings.eval_batch_size, settings.eval_num_steps
+                    with clock.paused():  # the epoch's evaluations
+                        train_nll = epoch_nll.item() / state.extra["epoch_tokens"]
+                        state.extra["train_perplexity"] = _exp(train_nll)
+                        log(
+                            {
+                                "epoch": epoch + 1,
+                                "step": step,
+                                "split": "train_epoch",
+                                "loss": train_nll,
+                                "perplexity": _exp(train_nll),
+                                "lr": optimizer.param_groups[0]["lr"],
+                                "tokens": state.extra["epoch_tokens"],
+                            }
                         )
-                        record = {"epoch": epoch + 1, "step": step, "split": split}
-                        record.update(perplexity=ppl, loss=total / count, tokens=count)
-                        log(record)
-                        state.extra["last_eval"][split] = ppl
-                    state.extra["last_eval"]["epoch"] = epoch + 1
-                    clock["tick"] = time.perf_counter()
+                        for split, ids in evaluations:
+                            ppl, total, count = evaluate_perplexity(
+                                model, ids, settings.eval_batch_size, settings.eval_num_steps
+                            )
+                            record = {"epoch": epoch + 1, "step": step, "split": split}
+                            record.update(perplexity=ppl, loss=total / count, tokens=count)
+                            log(record)
+                            state.extra["last_eval"][split] = ppl
+                        state.extra["last_eval"]["epoch"] = epoch + 1
 
                 state.complete = step == total_steps
                 periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
@@ -442,8 +439,7 @@ def train_language_model(
             if state.step < total_steps and saved[0] != state.step:  # stop_after
                 checkpoint()
     except _Diverged as d:
-        clock["train"] += time.perf_counter() - clock["tick"]
-        state.extra["train_time_s"] = clock["train"]
+        state.extra["train_time_s"] = clock.elapsed()
         epoch = (d.step - 1) // steps_per_epoch + 1
         record = {"epoch": epoch, "step": d.step, "split": "diverged", "loss": d.loss}
         if d.grad_norm is not None:
@@ -453,8 +449,7 @@ def train_language_model(
     finally:
         if progress is not None:
             progress.close()
-    clock["train"] += time.perf_counter() - clock["tick"]
-    state.extra["train_time_s"] = clock["train"]
+    state.extra["train_time_s"] = clock.elapsed()
     return _result(state, steps_per_epoch, "complete" if state.complete else "stopped")
 
 

@@ -16,7 +16,6 @@ cross-entropy objective, ``neg_elbo`` in nats (see ``evaluate_vae``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +26,19 @@ from classicnets.data.batching import ShuffledBatches, iterate_in_order
 from classicnets.models.vae import VAE, kl_divergence, reconstruction_loss, vae_loss
 from classicnets.train.classifier import (
     ClassificationData,
-    NonFiniteLossError,
     TrainSettings,
     make_optimizer,
     make_schedule_from_settings,
 )
 from classicnets.train.distributed import get_context
 from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.loop import (
+    FiniteCheck,
+    TrainClock,
+    checkpoint_due,
+    end_step,
+    resume_variant,
+)
 from classicnets.train.params import param_groups
 from classicnets.train.precision import Precision, maybe_compile
 from classicnets.train.run import RunDir
@@ -159,12 +164,7 @@ def train_vae(
         return out
 
     if resume and run is not None:
-        if state.resume(run.checkpoints, variant) is not None:
-            state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
-        resumed_at = state.step
-        run.truncate_metrics(
-            lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= resumed_at
-        )
+        resume_variant(state, run, variant, device)
         if state.complete:
             return {
                 "step": state.step,
@@ -175,28 +175,14 @@ def train_vae(
 
     train_model = maybe_compile(model, settings.compile)
     buffer = state.extra_tensors["loss_buffer"]
-    clock = {"train": state.extra["train_time_s"], "tick": time.perf_counter()}
-    checked = {"upto": state.step}  # losses up to this step are known finite
-
-    def check_finite(step: int) -> None:
-        first = checked["upto"]
-        if step <= first:
-            return
-        losses = buffer[0, torch.arange(first, step, device=device) % log_every]
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            raise NonFiniteLossError(
-                f"{variant}: training loss is {losses[int(bad[0])].item()} at step "
-                f"{first + int(bad[0]) + 1}; stopped. The newest checkpoint (written before that "
-                f"step) is kept intact."
-            )
-        checked["upto"] = step
+    clock = TrainClock(state.extra["train_time_s"])
+    check_finite = FiniteCheck(variant, state.step, device, log_every, lambda idx: buffer[0, idx])
 
     def checkpoint() -> str | None:
         check_finite(state.step)
         if run is None:
             return None
-        state.extra["train_time_s"] = clock["train"] + time.perf_counter() - clock["tick"]
+        state.extra["train_time_s"] = clock.elapsed()
         return str(state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints))
 
     def log_eval(step: int) -> dict[str, Any]:
@@ -205,14 +191,15 @@ def train_vae(
             run.log(record)
         return record
 
-    last_eval = log_eval(0) if state.step == 0 else {}
+    last_eval = {}
+    if state.step == 0:  # step 0: the first point of each curve
+        with clock.paused():
+            last_eval = log_eval(0)
     progress = _progress_bar(settings, state.step, variant)
-    end_step = settings.steps
-    if settings.stop_after is not None:
-        end_step = min(end_step, state.step + settings.stop_after)
+    stop_at = end_step(settings.steps, state.step, settings.stop_after)
     try:
         with SignalGuard() as guard:
-            while state.step < end_step:
+            while state.step < stop_at:
                 step = state.step
                 index = next(batches)
                 schedule.apply(optimizer, step, batches.epoch)
@@ -248,15 +235,12 @@ def train_vae(
                         progress.set_postfix(loss=f"{means[0]:.2f}", kl=f"{means[2]:.2f}")
                         progress.update(n)
                 if step % settings.eval_every == 0 or step == settings.steps:
-                    clock["train"] += time.perf_counter() - clock["tick"]
-                    last_eval = log_eval(step)
+                    with clock.paused():
+                        last_eval = log_eval(step)
                     if hasattr(schedule, "observe") and state.extra["last_train_loss"] is not None:
                         schedule.observe(state.extra["last_train_loss"])
-                    clock["tick"] = time.perf_counter()
                 state.complete = step == settings.steps
-                if state.complete or (
-                    settings.checkpoint_every and step % settings.checkpoint_every == 0
-                ):
+                if checkpoint_due(step, settings.steps, settings.checkpoint_every):
                     checkpoint()
                 if guard.received:
                     raise StopRequested(guard.received, step, checkpoint())
@@ -265,8 +249,7 @@ def train_vae(
     finally:
         if progress is not None:
             progress.close()
-    clock["train"] += time.perf_counter() - clock["tick"]
-    result = {"step": state.step, "complete": state.complete, "train_time_s": clock["train"]}
+    result = {"step": state.step, "complete": state.complete, "train_time_s": clock.elapsed()}
     result.update({f"test_{k}": v for k, v in last_eval.items() if k in (*_TERMS, "neg_elbo")})
     return result
 

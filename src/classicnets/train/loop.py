@@ -1,0 +1,201 @@
+"""What every training loop of classicnets shares around its step.
+
+The classifier, autoencoder, VAE, GAN and language-model loops differ in their step and their
+records, and agree on the rest, which lives here once:
+
+- ``resume_variant``: load the newest valid checkpoint of one model of a run and drop from
+  ``metrics.jsonl`` what that model logged after it, so the resumed run writes it again,
+  identically (everything of the model, its step-0 record included, when it never reached a
+  checkpoint).
+- ``TrainClock``: training time that leaves out evaluations (``with clock.paused(): ...``), saved
+  in checkpoints so a resumed run goes on counting.
+- ``FiniteCheck``: the losses are kept on the device between log intervals; before each record
+  and each checkpoint, the check reads back the ones logged since the last check and raises on the
+  first that is NaN or infinite, naming the step. A checkpoint therefore never holds a diverged
+  model, and the newest one stays the last good state.
+- ``end_step`` and ``checkpoint_due``: where a run stops (``stop_after``) and when it saves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from classicnets.train.run import RunDir
+from classicnets.train.state import TrainState
+
+__all__ = [
+    "FiniteCheck",
+    "NonFiniteLossError",
+    "TrainClock",
+    "checkpoint_due",
+    "end_step",
+    "resume_variant",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the value."""
+
+
+def resume_variant(
+    state: TrainState,
+    run: RunDir,
+    variant: str,
+    device: torch.device | str,
+    truncate: bool = True,
+) -> int | None:
+    """Restore ``state`` from the newest valid checkpoint of ``variant`` in ``run``, if any.
+
+    Args:
+        state: the loop's state, built as for a fresh run; filled in place.
+        run: the run folder.
+        variant: the model's name within the run.
+        device: where the loop keeps its extra tensors (loss buffers, hidden state).
+        truncate: also drop the records of ``variant`` logged after the checkpoint (pass False
+            where only the main process of a distributed run writes, or to read them first and
+            call ``truncate_after`` later).
+
+    Returns:
+        The step resumed from, or None when ``variant`` has no valid checkpoint (the run then
+        starts over, and with ``truncate`` every record of ``variant`` is dropped).
+    """
+    found = state.resume(run.checkpoints, variant)
+    if found is not None:
+        state.extra_tensors = {k: v.to(device) for k, v in state.extra_tensors.items()}
+    step = state.step if found is not None else None
+    if truncate:
+        truncate_after(run, variant, step)
+    return step
+
+
+def truncate_after(run: RunDir, variant: str, step: int | None) -> None:
+    """Drop the records of ``variant`` after ``step`` (all of them when ``step`` is None)."""
+    keep_upto = -1 if step is None else step
+    run.truncate_metrics(
+        lambda r: r.get("variant") != variant or int(r.get("step", 0)) <= keep_upto
+    )
+
+
+class TrainClock:
+    """Seconds spent training, excluding what runs inside ``paused()`` (evaluations).
+
+    >>> clock = TrainClock()
+    >>> with clock.paused():
+    ...     pass  # an evaluation: not counted
+    >>> clock.elapsed() >= 0.0
+    True
+    """
+
+    def __init__(self, elapsed: float = 0.0) -> None:
+        self._elapsed = float(elapsed)
+        self._tick = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training seconds so far, the running span included."""
+        return self._elapsed + time.perf_counter() - self._tick
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop counting for the duration of the ``with`` block."""
+        self._elapsed = self.elapsed()
+        try:
+            yield
+        finally:
+            self._tick = time.perf_counter()
+
+
+class FiniteCheck:
+    """Checks the values a loop logged since the last check for NaN and infinity.
+
+    Args:
+        variant: the model's name, for the error message.
+        start: the first step not yet checked (the resumed step, or 0).
+        device: where the ring buffer lives.
+        log_every: the length of the loop's ring buffer (the value of step ``s`` is at
+            ``s % log_every``).
+        rows: ``rows(idx) -> Tensor`` with the watched values of the steps ``idx``
+            (``idx`` is ``[k]``; the result ``[k]`` for one value per step or ``[k, m]``).
+        names: what each column of ``rows`` is, for the error message.
+        all_reduce: under DDP, a function that sums a tensor over the processes, so that every
+            process stops at the same check; None in one process.
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        start: int,
+        device: torch.device | str,
+        log_every: int,
+        rows: Callable[[Tensor], Tensor],
+        names: Sequence[str] = ("training loss",),
+        all_reduce: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        self.variant = variant
+        self.names = tuple(names)
+        self.checked_upto = start
+        self.device = torch.device(device)
+        self.log_every = log_every
+        self.rows = rows
+        self.all_reduce = all_reduce
+
+    def first_bad(self, step: int) -> tuple[int, int, Tensor] | None:
+        """Check the steps since the last check, up to ``step``.
+
+        Returns:
+            None when every value is finite (the steps count as checked); otherwise
+            ``(bad_step, column, values)``: the 1-based step of the first bad value (counting
+            steps as the loop does after its increment), the column of that value, and the
+            ``[k, m]`` values read. Under DDP a bad value found on another process is reported
+            with column -1 and the first unchecked step.
+        """
+        first = self.checked_upto
+        if step <= first:
+            return None
+        idx = torch.arange(first, step, device=self.device) % self.log_every
+        values = self.rows(idx)
+        values = values if values.ndim == 2 else values[:, None]  # (k, m)
+        bad = (~torch.isfinite(values)).nonzero()  # (b, 2)
+        count = len(bad)
+        if self.all_reduce is not None:
+            flag = torch.tensor([float(count)], device=values.device)
+            self.all_reduce(flag)
+            count = int(flag.item())
+        if count == 0:
+            self.checked_upto = step
+            return None
+        if len(bad) == 0:  # found on another process
+            return first + 1, -1, values
+        return first + int(bad[0, 0]) + 1, int(bad[0, 1]), values
+
+    def __call__(self, step: int) -> None:
+        """Raise ``NonFiniteLossError`` if a value since the last check is not finite."""
+        found = self.first_bad(step)
+        if found is None:
+            return
+        bad_step, column, values = found
+        first = self.checked_upto
+        if column < 0:
+            name, value = self.names[0], float("nan")
+        else:
+            name, value = self.names[column], values[bad_step - first - 1, column].item()
+        raise NonFiniteLossError(
+            f"{self.variant}: {name} is {value} at step {bad_step}; stopped. The newest checkpoint "
+            f"(written before that step) is kept intact."
+        )
+
+
+def end_step(steps: int, start: int, stop_after: int | None) -> int:
+    """The step this session of a run stops at: ``steps``, or ``stop_after`` steps from
+    ``start`` if that comes first (``stop_after`` simulates a kill, for tests and demos)."""
+    return steps if stop_after is None else min(steps, start + stop_after)
+
+
+def checkpoint_due(step: int, steps: int, every: int) -> bool:
+    """Whether the loop checkpoints after ``step``: at the end, and every ``every`` steps
+    (``every`` = 0: only at the end)."""
+    return step == steps or bool(every and step % every == 0)
