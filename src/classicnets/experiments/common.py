@@ -32,6 +32,7 @@ __all__ = [
     "ExperimentError",
     "SampleRequest",
     "TrainedModel",
+    "load_checkpointed",
     "TrainingOptions",
     "evaluate_classifiers",
     "load_classifiers",
@@ -299,9 +300,26 @@ def sample_run(run_dir: str | Path, request: SampleRequest, device: str = "auto"
     return experiment.sample(config, run, device=resolve_device(device), request=request)
 
 
-def load_classifiers(experiment_build, config, run_dir: RunDir, variants, device: str):
-    """``load_models`` for the MNIST classifier experiments: newest checkpoint per variant."""
-    from classicnets.data import CLASS_NAMES
+def load_checkpointed(
+    build: Callable[[str], Any],
+    run_dir: RunDir,
+    variants,
+    device: str,
+    info: Callable[[str, Any], dict[str, Any]],
+    served: Callable[[Any], Any] | None = None,
+) -> dict[str, TrainedModel]:
+    """Each variant's newest valid checkpoint as a ``TrainedModel``, in eval mode.
+
+    Args:
+        build: ``build(variant) -> nn.Module``, the architecture the variant was trained with.
+        run_dir: the run folder.
+        variants: names to look for; those without a checkpoint are left out.
+        device: where to load the models.
+        info: ``info(variant, model) -> dict``, what the model takes and returns (stored with
+            exports and shown by ``classicnets predict``).
+        served: which part of the trained module to hand out (the GAN's generator); None for
+            the whole module.
+    """
     from classicnets.train.checkpoint import latest_checkpoint
     from classicnets.train.classifier import load_model_weights
 
@@ -311,22 +329,33 @@ def load_classifiers(experiment_build, config, run_dir: RunDir, variants, device
         if found is None:
             continue
         tensors, state, path = found
-        model = experiment_build(config, variant).to(device)
+        model = build(variant).to(device)
         load_model_weights(model, tensors)
+        module = model if served is None else served(model)
         out[variant] = TrainedModel(
-            model.eval(),
-            int(state["step"]),
-            str(path),
-            {
-                "kind": "classifier",
-                "input_shape": [1, 28, 28],
-                "input_dtype": "float32",
-                "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
-                "class_names": list(CLASS_NAMES[config.dataset]),
-                "dataset": config.dataset,
-            },
+            module.eval(), int(state["step"]), str(path), info(variant, model)
         )
     return out
+
+
+def load_classifiers(experiment_build, config, run_dir: RunDir, variants, device: str):
+    """``load_models`` for the MNIST classifier experiments: newest checkpoint per variant."""
+    from classicnets.data import CLASS_NAMES
+
+    def info(variant: str, model) -> dict[str, Any]:
+        return {
+            "kind": "classifier",
+            "input_shape": [1, 28, 28],
+            "input_dtype": "float32",
+            "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+            "class_names": list(CLASS_NAMES[config.dataset]),
+            "dataset": config.dataset,
+        }
+
+    def build(variant: str):
+        return experiment_build(config, variant)
+
+    return load_checkpointed(build, run_dir, variants, device, info)
 
 
 def evaluate_classifiers(experiment_build, config, run_dir: RunDir, variants, device: str):
@@ -351,10 +380,16 @@ def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:
 
 
 def load_image_data(
-    dataset: str, data_dir: str | None, device: str, train_limit=None, download: bool = True
+    dataset: str,
+    data_dir: str | None,
+    device: str,
+    train_limit=None,
+    download: bool = True,
+    test_limit=None,
 ):
     """MNIST / Fashion-MNIST as ``ClassificationData``: float32 in [0, 1], shape [N, 1, 28, 28],
-    whole splits on ``device``. ``train_limit`` keeps the first examples of the training split."""
+    whole splits on ``device``. ``train_limit`` and ``test_limit`` keep the first examples of
+    the training and test splits (quick runs)."""
     import torch
 
     from classicnets.data import load_mnist
@@ -363,8 +398,9 @@ def load_image_data(
     splits = []
     for split in ("train", "test"):
         images, labels = load_mnist(split, dataset=dataset, data_dir=data_dir, download=download)
-        if split == "train" and train_limit is not None:
-            images, labels = images[:train_limit], labels[:train_limit]
+        limit = train_limit if split == "train" else test_limit
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
         x = torch.from_numpy(images).to(device=device, dtype=torch.float32).div_(255.0)
         splits += [x.unsqueeze(1), torch.from_numpy(labels).to(device)]  # (N, 1, 28, 28), (N,)
     return ClassificationData(*splits)

@@ -18,6 +18,7 @@ test curves, and a grid of test digits with each variant's reconstruction under 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from classicnets.experiments.common import (
     ExperimentError,
     SampleRequest,
     Stopwatch,
-    TrainedModel,
     TrainingOptions,
+    load_checkpointed,
     load_image_data,
     train_settings,
 )
@@ -131,15 +132,14 @@ def build_model(config: ConvAEConfig, variant: str) -> ConvAutoencoder:
 
 
 def _data(config: ConvAEConfig, device: str) -> ClassificationData:
-    data = load_image_data(
-        config.dataset, config.data_dir, device, config.train_limit, config.download
+    return load_image_data(
+        config.dataset,
+        config.data_dir,
+        device,
+        config.train_limit,
+        config.download,
+        test_limit=config.test_limit,
     )
-    if config.test_limit is not None:
-        data.test_x, data.test_y = (
-            data.test_x[: config.test_limit],
-            data.test_y[: config.test_limit],
-        )
-    return data
 
 
 def run(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
@@ -308,33 +308,21 @@ def write_plots(run_dir: RunDir) -> list:
 
 def load_models(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
     """Each variant's newest checkpoint as a ``TrainedModel`` (eval mode)."""
-    from classicnets.train.checkpoint import latest_checkpoint
-    from classicnets.train.classifier import load_model_weights
 
-    out = {}
-    for variant in config.variants:
-        found = latest_checkpoint(run_dir.checkpoints, variant)
-        if found is None:
-            continue
-        tensors, state, path = found
-        model = build_model(config, variant).to(device)
-        load_model_weights(model, tensors)
-        out[variant] = TrainedModel(
-            model.eval(),
-            int(state["step"]),
-            str(path),
-            {
-                "kind": "autoencoder",
-                "input_shape": [1, 28, 28],
-                "output_shape": [1, 28, 28],
-                "input_dtype": "float32",
-                "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
-                "output": "reconstructed intensities in (0, 1) (sigmoid), shape [N, 1, 28, 28]",
-                "upsampling": variant,
-                "dataset": config.dataset,
-            },
-        )
-    return out
+    def info(variant: str, model) -> dict[str, Any]:
+        return {
+            "kind": "autoencoder",
+            "input_shape": [1, 28, 28],
+            "output_shape": [1, 28, 28],
+            "input_dtype": "float32",
+            "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+            "output": "reconstructed intensities in (0, 1) (sigmoid), shape [N, 1, 28, 28]",
+            "upsampling": variant,
+            "dataset": config.dataset,
+        }
+
+    build = functools.partial(build_model, config)
+    return load_checkpointed(build, run_dir, config.variants, device, info)
 
 
 def evaluate_trained(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:

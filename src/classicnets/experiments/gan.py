@@ -18,6 +18,7 @@ Scoring, by a trained MNIST classifier (the ``resnet`` of a ``resnet-vs-mlp`` ru
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,8 @@ from classicnets.experiments.common import (
     ExperimentError,
     SampleRequest,
     Stopwatch,
-    TrainedModel,
     TrainingOptions,
+    load_checkpointed,
     load_image_data,
 )
 from classicnets.models.gan import GAN
@@ -456,19 +457,10 @@ def progress_figure(run_dir: RunDir, variant: str, snapshots: int = 5) -> Path |
 
 def load_models(config: GANConfig, run_dir: RunDir, device: str = "cpu") -> dict:
     """Each variant's newest generator as a ``TrainedModel`` (kind ``"generator"``)."""
-    from classicnets.train.checkpoint import latest_checkpoint
 
-    out = {}
-    for variant in config.variants:
-        found = latest_checkpoint(run_dir.checkpoints, variant)
-        if found is None:
-            continue
-        tensors, state, path = found
-        model = build_model(config, variant).to(device)
-        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        model.load_state_dict(weights, strict=True)
+    def info(variant: str, model) -> dict[str, Any]:
         conditional = model.conditional
-        info = {
+        return {
             "kind": "generator",
             "latent_size": config.latent_size,
             "conditional": conditional,
@@ -481,8 +473,11 @@ def load_models(config: GANConfig, run_dir: RunDir, device: str = "cpu") -> dict
             "output": "pixel intensities in [0, 1] (x 255 for uint8 images)",
             "dataset": "mnist",
         }
-        out[variant] = TrainedModel(model.generator.eval(), int(state["step"]), str(path), info)
-    return out
+
+    build = functools.partial(build_model, config)
+    return load_checkpointed(
+        build, run_dir, config.variants, device, info, served=lambda gan: gan.generator
+    )
 
 
 def evaluate_trained(config: GANConfig, run_dir: RunDir, device: str = "cpu") -> dict:

@@ -22,6 +22,7 @@ of cell/column ``i`` is ``latent_draw(seed, i, latent_size)``.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ from classicnets.experiments.common import (
     ExperimentError,
     SampleRequest,
     Stopwatch,
-    TrainedModel,
     TrainingOptions,
+    load_checkpointed,
     load_image_data,
     train_settings,
 )
@@ -179,13 +180,14 @@ def _warmup_epochs(config: VAEConfig, variant: str) -> float:
 
 
 def _data(config: VAEConfig, device: str):
-    data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)
-    if config.test_limit is not None:
-        data.test_x, data.test_y = (
-            data.test_x[: config.test_limit],
-            data.test_y[: config.test_limit],
-        )
-    return data
+    return load_image_data(
+        "mnist",
+        config.data_dir,
+        device,
+        config.train_limit,
+        config.download,
+        test_limit=config.test_limit,
+    )
 
 
 # --------------------------------------------------------------------------- run
@@ -548,18 +550,9 @@ def write_plots(run_dir: RunDir, results: dict) -> None:
 
 def load_models(config: VAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
     """Each variant's newest checkpoint as a ``TrainedModel`` (eval mode)."""
-    from classicnets.train.checkpoint import latest_checkpoint
-    from classicnets.train.classifier import load_model_weights
 
-    out = {}
-    for variant in config.variants:
-        found = latest_checkpoint(run_dir.checkpoints, variant)
-        if found is None:
-            continue
-        tensors, state, path = found
-        model = build_model(config, variant).to(device)
-        load_model_weights(model, tensors)
-        info = {
+    def info(variant: str, model) -> dict[str, Any]:
+        out = {
             "kind": "autoencoder",
             "input_shape": [1, 28, 28],
             "input_dtype": "float32",
@@ -575,10 +568,12 @@ def load_models(config: VAEConfig, run_dir: RunDir, device: str = "cpu") -> dict
             "generator": "sigmoid(decode(z[, label])) -> mean image [N, 784]",
         }
         if is_conditional(variant):
-            info["label_input"] = "int64 [N] digit 0-9 (second argument; default 0)"
-            info["class_names"] = [str(d) for d in DIGITS]
-        out[variant] = TrainedModel(model.eval(), int(state["step"]), str(path), info)
-    return out
+            out["label_input"] = "int64 [N] digit 0-9 (second argument; default 0)"
+            out["class_names"] = [str(d) for d in DIGITS]
+        return out
+
+    build = functools.partial(build_model, config)
+    return load_checkpointed(build, run_dir, config.variants, device, info)
 
 
 def evaluate_trained(config: VAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
