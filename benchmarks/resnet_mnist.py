@@ -3,11 +3,12 @@
 Baseline (the usual tutorial): ``DataLoader`` over a ``TensorDataset`` of the MNIST training
 split, shuffled, each batch moved to the device, default (NCHW) memory format, ``loss.item()``
 every step. Ours: ``train_classifier`` with the experiment's settings (whole split on the device,
-index batches, channels-last). Same model (``resnet-small`` by default), same batch size, same
-optimizer (SGD with Nesterov momentum), in the same process, alternating over rounds.
+index batches, channels-last). Same model (the experiment's ``resnet-medium`` by default), same
+batch size, same optimizer (SGD with Nesterov momentum), in the same process, alternating over
+rounds.
 
     python benchmarks/resnet_mnist.py [--device auto|cpu|cuda] [--steps 60] [--rounds 2]
-                                      [--model resnet-small] [--quick] [--time-to 0.995]
+                                      [--model resnet-medium] [--quick] [--time-to 0.995]
 
 ``--time-to ACC`` (for a GPU) also trains the full experiment recipe and reports the wall time
 until the test accuracy first reaches ACC.
@@ -96,7 +97,7 @@ def time_to_accuracy(config, data, device, target) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--model", default="resnet-small")
+    parser.add_argument("--model", default=ResNetVsMLPConfig.resnet_model)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -13,7 +13,7 @@ from torch import nn
 from classicnets.models import BasicBlock, Bottleneck, ResNet, create_model
 from classicnets.nn import BatchNorm, fold_bn, is_batchnorm
 
-VARIANTS = ["resnet-small", "resnet-bottleneck", "resnet-basic"]
+VARIANTS = ["resnet-small", "resnet-medium", "resnet-bottleneck", "resnet-basic"]
 TINY = {"widths": (4, 8, 8)}
 
 
@@ -51,7 +51,11 @@ def test_full_size_output_shape(name):
 
 @pytest.mark.parametrize(
     "name, channels",
-    [("resnet-small", (16, 64, 128, 256)), ("resnet-basic", (32, 32, 64, 128))],
+    [
+        ("resnet-small", (16, 64, 128, 256)),
+        ("resnet-medium", (16, 64, 128, 256)),
+        ("resnet-basic", (32, 32, 64, 128)),
+    ],
 )
 def test_spatial_sizes_through_the_stages(name, channels):
     model = create_model(name).eval()

@@ -317,6 +317,17 @@ def resnet_small(**kwargs) -> ResNet:
 
 
 @register_model(
+    "resnet-medium",
+    description="ResNet of bottleneck blocks for 28x28 images, stages (2, 2, 2) of planes "
+    "16-32-64 (outputs 64-128-256): resnet-small with two blocks per stage",
+    example_input_shape=(4, 1, 28, 28),
+    test_kwargs=dict(_TEST_KWARGS),
+)
+def resnet_medium(**kwargs) -> ResNet:
+    return ResNet(**{"block": Bottleneck, "layers": (2, 2, 2), "widths": (16, 32, 64), **kwargs})
+
+
+@register_model(
     "resnet-bottleneck",
     description="ResNet of bottleneck blocks for 28x28 images, stages (2, 2, 2) of planes "
     "32-64-128 (outputs 128-256-512); the larger variant",
