@@ -41,13 +41,14 @@ from torch import Tensor, nn
 from classicnets.data.batching import ShuffledBatches
 from classicnets.train.checkpoint import atomic_write_bytes, atomic_write_text
 from classicnets.train.distributed import get_context
-from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.faults import SignalGuard
 from classicnets.train.loop import (
     FiniteCheck,
     TrainClock,
-    checkpoint_due,
     end_step,
+    finish_step,
     resume_variant,
+    save_checkpoint,
 )
 from classicnets.train.params import select_parameters
 from classicnets.train.precision import Precision
@@ -827,11 +828,8 @@ def train_gan(
     )
 
     def checkpoint() -> str | None:
-        check_finite(state.step)
-        if run is None:
-            return None
-        state.extra.update(train_time_s=clock.elapsed(), monitor=monitor.state_dict())
-        return str(state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints))
+        state.extra["monitor"] = monitor.state_dict()
+        return save_checkpoint(state, run, variant, settings.keep_checkpoints, clock, check_finite)
 
     def log(record: dict[str, Any]) -> None:
         if run is not None:
@@ -912,11 +910,9 @@ def train_gan(
                     step == settings.steps
                 ):
                     run_eval(step)
-                state.complete = step == settings.steps
-                if checkpoint_due(step, settings.steps, settings.checkpoint_every):
-                    checkpoint()
-                if guard.received:
-                    raise StopRequested(guard.received, step, checkpoint())
+                finish_step(
+                    state, step, settings.steps, settings.checkpoint_every, checkpoint, guard
+                )
             if state.step < settings.steps:  # stopped early on request (stop_after)
                 checkpoint()
     finally:

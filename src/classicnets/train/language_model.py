@@ -63,6 +63,7 @@ from classicnets.train.loop import (
     TrainClock,
     end_step,
     resume_variant,
+    save_checkpoint,
     truncate_after,
 )
 from classicnets.train.precision import Precision
@@ -328,14 +329,9 @@ def train_language_model(
             raise _Diverged(bad_step, row[0].item(), row[1].item() if clip else None)
 
     def checkpoint() -> str | None:
-        check_finite(state.step)
-        if run is None:
-            return None
         parts = [hidden] if isinstance(hidden, Tensor) else list(hidden)
         tensors.update({f"hidden.{i}": h.detach() for i, h in enumerate(parts)})
-        state.extra["train_time_s"] = clock.elapsed()
-        saved = state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints)
-        return str(saved)
+        return save_checkpoint(state, run, variant, settings.keep_checkpoints, clock, check_finite)
 
     def log(record: dict[str, Any]) -> None:
         if run is not None:

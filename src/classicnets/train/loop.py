@@ -13,7 +13,8 @@ records, and agree on the rest, which lives here once:
   and each checkpoint, the check reads back the ones logged since the last check and raises on the
   first that is NaN or infinite, naming the step. A checkpoint therefore never holds a diverged
   model, and the newest one stays the last good state.
-- ``end_step`` and ``checkpoint_due``: where a run stops (``stop_after``) and when it saves.
+- ``end_step``, ``checkpoint_due``, ``save_checkpoint`` and ``finish_step``: where a run stops
+  (``stop_after``), when it saves, and what a save and the end of a step do.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from classicnets.train.faults import SignalGuard, StopRequested
 from classicnets.train.run import RunDir
 from classicnets.train.state import TrainState
 
@@ -34,7 +36,10 @@ __all__ = [
     "TrainClock",
     "checkpoint_due",
     "end_step",
+    "finish_step",
     "resume_variant",
+    "save_checkpoint",
+    "truncate_after",
 ]
 
 
@@ -199,3 +204,41 @@ def checkpoint_due(step: int, steps: int, every: int) -> bool:
     """Whether the loop checkpoints after ``step``: at the end, and every ``every`` steps
     (``every`` = 0: only at the end)."""
     return step == steps or bool(every and step % every == 0)
+
+
+def save_checkpoint(
+    state: TrainState,
+    run: RunDir | None,
+    variant: str,
+    keep_last: int,
+    clock: TrainClock,
+    check_finite: Callable[[int], None],
+) -> str | None:
+    """Check the losses logged since the last check (raising before anything is written), then
+    save ``state`` with its training time as the newest checkpoint of ``variant``.
+
+    Returns:
+        The checkpoint's path, or None without a run folder.
+    """
+    check_finite(state.step)
+    if run is None:
+        return None
+    state.extra["train_time_s"] = clock.elapsed()
+    return str(state.save(run.checkpoints, variant, keep_last=keep_last))
+
+
+def finish_step(
+    state: TrainState,
+    step: int,
+    steps: int,
+    checkpoint_every: int,
+    checkpoint: Callable[[], str | None],
+    guard: SignalGuard,
+) -> None:
+    """The end of a step: mark the run complete at the last one, checkpoint when due, and after a
+    SIGINT/SIGTERM checkpoint and raise ``StopRequested``."""
+    state.complete = step == steps
+    if checkpoint_due(step, steps, checkpoint_every):
+        checkpoint()
+    if guard.received:
+        raise StopRequested(guard.received, step, checkpoint())

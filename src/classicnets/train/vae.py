@@ -31,13 +31,14 @@ from classicnets.train.classifier import (
     make_schedule_from_settings,
 )
 from classicnets.train.distributed import get_context
-from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.faults import SignalGuard
 from classicnets.train.loop import (
     FiniteCheck,
     TrainClock,
-    checkpoint_due,
     end_step,
+    finish_step,
     resume_variant,
+    save_checkpoint,
 )
 from classicnets.train.params import param_groups
 from classicnets.train.precision import Precision, maybe_compile
@@ -179,11 +180,7 @@ def train_vae(
     check_finite = FiniteCheck(variant, state.step, device, log_every, lambda idx: buffer[0, idx])
 
     def checkpoint() -> str | None:
-        check_finite(state.step)
-        if run is None:
-            return None
-        state.extra["train_time_s"] = clock.elapsed()
-        return str(state.save(run.checkpoints, variant, keep_last=settings.keep_checkpoints))
+        return save_checkpoint(state, run, variant, settings.keep_checkpoints, clock, check_finite)
 
     def log_eval(step: int) -> dict[str, Any]:
         record = {"variant": variant, "step": step, "split": "test", **final_eval("")}
@@ -239,11 +236,9 @@ def train_vae(
                         last_eval = log_eval(step)
                     if hasattr(schedule, "observe") and state.extra["last_train_loss"] is not None:
                         schedule.observe(state.extra["last_train_loss"])
-                state.complete = step == settings.steps
-                if checkpoint_due(step, settings.steps, settings.checkpoint_every):
-                    checkpoint()
-                if guard.received:
-                    raise StopRequested(guard.received, step, checkpoint())
+                finish_step(
+                    state, step, settings.steps, settings.checkpoint_every, checkpoint, guard
+                )
             if state.step < settings.steps:  # stopped early on request (stop_after)
                 checkpoint()
     finally:
