@@ -1,6 +1,9 @@
 # The README's commands. PYTHON is the interpreter of the environment classicnets is installed in.
 PYTHON ?= python3
-DATA ?= $(firstword $(wildcard ../shared/data) $(HOME)/.cache/classicnets)
+# The data root: a CLASSICNETS_DATA the user exported decides (README, "Data"); otherwise
+# ../shared/data beside the checkout when it exists, else the cache. Made absolute, so tests that
+# run from temporary folders (or link into the root) see the same files.
+DATA ?= $(abspath $(or $(CLASSICNETS_DATA),$(wildcard ../shared/data),$(HOME)/.cache/classicnets))
 
 .PHONY: setup demo test lint format bench
 

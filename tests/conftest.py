@@ -19,9 +19,11 @@ _CANDIDATES = [os.environ.get("CLASSICNETS_DATA"), str(_REPO.parent / "shared" /
 
 
 def _data_root() -> Path | None:
+    # Resolved: a relative CLASSICNETS_DATA (``../shared/data``) must mean the same folder to a
+    # test that links into it from a temporary directory or changes the working directory.
     for c in _CANDIDATES:
         if c and Path(c).is_dir():
-            return Path(c)
+            return Path(c).resolve()
     return None
 
 

@@ -100,6 +100,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from classicnets.experiments.common import ExperimentError
     from classicnets.experiments.config import ConfigError
     from classicnets.export import ExportError
+    from classicnets.files import FolderLockedError
     from classicnets.report.html import ReportError
     from classicnets.train.checkpoint import CheckpointError
     from classicnets.train.run import RunError
@@ -112,6 +113,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ReportError,
         CheckpointError,
         ExportError,
+        FolderLockedError,
     )
 
 
@@ -177,6 +179,13 @@ def cmd_resume(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from classicnets.train.run import hold_run
+
+    with hold_run(args.run_dir):  # its confusion-matrix plots go into the run folder
+        return _eval(args)
+
+
+def _eval(args) -> int:
     from classicnets.experiments import evaluate_run
     from classicnets.metrics import format_confusion_matrix, plot_confusion_matrices
 

@@ -179,7 +179,8 @@ def run(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu", resume: bool 
     write_plots(run_dir)
     from classicnets.report import write_report
 
-    write_report(run_dir.path)
+    if run_dir.writer:  # rank 0 of a torchrun job
+        write_report(run_dir.path)
     return summary
 
 

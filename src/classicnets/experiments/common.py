@@ -10,6 +10,7 @@ use) and three functions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import time
@@ -24,7 +25,8 @@ from classicnets.experiments.config import (
     config_from_dict,
     config_to_dict,
 )
-from classicnets.train.run import RunDir, RunError, new_run_dir
+from classicnets.files import LOCK_NAME
+from classicnets.train.run import RunDir, RunError, hold_run, hold_run_writing, new_run_dir
 
 __all__ = [
     "EXPERIMENTS",
@@ -225,17 +227,20 @@ def run_experiment(
     device = resolve_device(device)
     ctx = init_from_env(device)  # torchrun: one process per device; else a no-op
     try:
-        # Rank 0 makes the folder and writes it; the others learn its name and write nothing.
-        path = broadcast_object(str(new_run_dir(out, name)) if ctx.is_main else None)
-        run = RunDir(path, writer=ctx.is_main)
-        record = config_to_dict(config)
-        run.write_config(name, {**record, "_quick": quick, "_device": device})
-        try:
-            summary = experiment.run(config, run, device=ctx.device, resume=False)
-        except Exception:
-            if ctx.is_main:
-                _remove_if_empty(run)
-            raise
+        with contextlib.ExitStack() as stack:
+            # Rank 0 makes the folder, holds its lock and writes it; the others learn its name
+            # and write nothing.
+            claimed = stack.enter_context(new_run_dir(out, name)) if ctx.is_main else None
+            path = broadcast_object(str(claimed) if ctx.is_main else None)
+            run = RunDir(path, writer=ctx.is_main)
+            record = config_to_dict(config)
+            run.write_config(name, {**record, "_quick": quick, "_device": device})
+            try:
+                summary = experiment.run(config, run, device=ctx.device, resume=False)
+            except Exception:
+                if ctx.is_main:
+                    _remove_if_empty(run)
+                raise
     finally:
         shutdown()
     return run.path, summary
@@ -246,6 +251,7 @@ def _remove_if_empty(run: RunDir) -> None:
     if run.metrics_path.exists() or run.checkpoints.exists():
         return
     run.config_path.unlink(missing_ok=True)
+    (run.path / LOCK_NAME).unlink(missing_ok=True)  # ours: the folder was empty when claimed
     try:
         run.path.rmdir()
     except OSError:
@@ -272,8 +278,11 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
     device = resolve_device(device or record["config"].get("_device", "auto"))
     ctx = init_from_env(device)
     try:
-        run.writer = ctx.is_main
-        return experiment.run(config, run, device=ctx.device, resume=True)
+        with contextlib.ExitStack() as stack:
+            if ctx.is_main:  # one writer: a second resume, or a run still going, is refused
+                stack.enter_context(hold_run(run.path))
+            run.writer = ctx.is_main
+            return experiment.run(config, run, device=ctx.device, resume=True)
     finally:
         shutdown()
 
@@ -297,7 +306,8 @@ def sample_run(run_dir: str | Path, request: SampleRequest, device: str = "auto"
             f"experiment {experiment.name!r} trains classifiers; 'sample' is for generative "
             f"and language models"
         )
-    return experiment.sample(config, run, device=resolve_device(device), request=request)
+    with hold_run_writing(run.path, request.out):
+        return experiment.sample(config, run, device=resolve_device(device), request=request)
 
 
 def load_checkpointed(

@@ -173,7 +173,8 @@ def run(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool
     )
     from classicnets.report import write_report
 
-    write_report(run_dir.path)
+    if run_dir.writer:  # rank 0 of a torchrun job
+        write_report(run_dir.path)
     return summary
 
 

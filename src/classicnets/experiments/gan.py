@@ -308,7 +308,8 @@ def run(config: GANConfig, run_dir: RunDir, device: str = "cpu", resume: bool = 
     write_plots(run_dir, config)
     from classicnets.report import write_report
 
-    write_report(run_dir.path)
+    if run_dir.writer:  # rank 0 of a torchrun job
+        write_report(run_dir.path)
     return summary
 
 

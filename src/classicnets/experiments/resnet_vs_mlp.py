@@ -170,7 +170,8 @@ def run(
     write_plots(run_dir)
     from classicnets.report import write_report
 
-    write_report(run_dir.path)
+    if run_dir.writer:  # rank 0 of a torchrun job
+        write_report(run_dir.path)
     return summary
 
 

@@ -264,7 +264,7 @@ def run(
 ) -> dict:
     """Train every variant, then write ``summary.json``, plots and ``report.html``."""
     from classicnets.data.ptb import load_ptb
-    from classicnets.train.checkpoint import atomic_write_text
+    from classicnets.files import atomic_write_text
     from classicnets.train.classifier import set_deterministic
     from classicnets.train.language_model import train_language_model
 
@@ -295,7 +295,8 @@ def run(
         write_plots(run_dir)
         from classicnets.report import write_report
 
-        write_report(run_dir.path)
+        if run_dir.writer:  # rank 0 of a torchrun job
+            write_report(run_dir.path)
     return summary
 
 

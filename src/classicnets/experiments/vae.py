@@ -240,7 +240,8 @@ def run(config: VAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = 
     write_plots(run_dir, results)
     from classicnets.report import write_report
 
-    write_report(run_dir.path)
+    if run_dir.writer:  # rank 0 of a torchrun job
+        write_report(run_dir.path)
     return summary
 
 
@@ -370,8 +371,8 @@ def save_image_grid(
     on the left; with ``record``, also ``path.json`` (the seed and rule of the cells)."""
     from matplotlib.figure import Figure
 
+    from classicnets.files import atomic_write_text
     from classicnets.report import save_figure
-    from classicnets.train.checkpoint import atomic_write_text
 
     images = np.asarray(images, dtype=np.float64)
     rows, cols, h, w = images.shape

@@ -353,41 +353,48 @@ def export_run(
         tolerance: see ``export_numpy``.
     """
     from classicnets.experiments.common import load_trained_models
+    from classicnets.train.run import hold_run_writing
 
     if format not in ("numpy", "onnx"):
         raise ExportError(f"--format must be numpy or onnx, got {format!r}")
-    models = load_trained_models(run_dir, device="cpu")
-    if variant is not None:
-        if variant not in models:
-            raise ExportError(
-                f"{run_dir}: no trained variant {variant!r}; the run has {', '.join(models)}"
-            )
-        models = {variant: models[variant]}
     out_dir = Path(out) if out is not None else Path(run_dir) / "export"
-    reports = []
-    for name, trained in models.items():
-        stem = f"{name}-folded" if fold_bn else name
-        metadata = {
-            "run": str(Path(run_dir).resolve()),
-            "variant": name,
-            "step": trained.step,
-            "checkpoint": trained.checkpoint,
-        }
-        if format == "numpy":
-            report = export_numpy(
-                trained.model, trained.info, out_dir / stem, fold_bn, tolerance, metadata=metadata
-            )
-        else:
-            from classicnets.export.onnx_export import export_onnx
+    with hold_run_writing(run_dir, out_dir):  # the default folder is inside the run
+        models = load_trained_models(run_dir, device="cpu")
+        if variant is not None:
+            if variant not in models:
+                raise ExportError(
+                    f"{run_dir}: no trained variant {variant!r}; the run has {', '.join(models)}"
+                )
+            models = {variant: models[variant]}
+        reports = []
+        for name, trained in models.items():
+            stem = f"{name}-folded" if fold_bn else name
+            metadata = {
+                "run": str(Path(run_dir).resolve()),
+                "variant": name,
+                "step": trained.step,
+                "checkpoint": trained.checkpoint,
+            }
+            if format == "numpy":
+                report = export_numpy(
+                    trained.model,
+                    trained.info,
+                    out_dir / stem,
+                    fold_bn,
+                    tolerance,
+                    metadata=metadata,
+                )
+            else:
+                from classicnets.export.onnx_export import export_onnx
 
-            report = export_onnx(
-                trained.model,
-                trained.info,
-                out_dir / f"{stem}.onnx",
-                fold_bn=fold_bn,
-                tolerance=tolerance,
-                metadata=metadata,
-            )
-        report.variant = name
-        reports.append(report)
-    return reports
+                report = export_onnx(
+                    trained.model,
+                    trained.info,
+                    out_dir / f"{stem}.onnx",
+                    fold_bn=fold_bn,
+                    tolerance=tolerance,
+                    metadata=metadata,
+                )
+            report.variant = name
+            reports.append(report)
+        return reports

@@ -253,7 +253,7 @@ def write_bundle(
         The bundle folder. The manifest is validated against the tensors before writing, so a
         bundle that would not load is never written.
     """
-    from classicnets.train.checkpoint import atomic_write_bytes, atomic_write_text
+    from classicnets.files import atomic_write_bytes, atomic_write_text
 
     out_dir = Path(out_dir)
     buffer = io.BytesIO()

@@ -185,7 +185,7 @@ def export_onnx(
             PyTorch beyond ``tolerance``.
     """
     _require_onnx()
-    from classicnets.train.checkpoint import atomic_write_bytes
+    from classicnets.files import atomic_write_bytes
 
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ExportError(f"exporter must be auto, torchscript or dynamo, got {exporter!r}")

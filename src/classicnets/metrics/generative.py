@@ -251,7 +251,7 @@ def scoring_classifier(
     if weights_path is not None:
         from safetensors.torch import save
 
-        from classicnets.train.checkpoint import atomic_write_bytes, atomic_write_text
+        from classicnets.files import atomic_write_bytes, atomic_write_text
 
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(weights_path, save(state))

@@ -26,13 +26,13 @@ import html
 import json
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from classicnets import __version__
+from classicnets.files import atomic_write_text, hold_folder
 
 __all__ = [
     "ReportError",
@@ -429,24 +429,6 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its files are private (0600); this one gets the umask, like open().
-    tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_report(
     run_dir: str | os.PathLike[str],
     title: str | None = None,
@@ -469,7 +451,10 @@ def write_report(
     title = title or record.title
     body = _run_section(record, title, h=1)
     out = Path(out_path) if out_path is not None else record.run_dir / "report.html"
-    return _atomic_write_text(out, _page(title, body))
+    if not out.resolve().is_relative_to(record.run_dir.resolve()):
+        return atomic_write_text(out, _page(title, body))
+    with hold_folder(record.run_dir):  # one writer per run folder (re-entrant for the run itself)
+        return atomic_write_text(out, _page(title, body))
 
 
 def write_combined_report(
@@ -517,4 +502,4 @@ def write_combined_report(
         f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(overview)}</tbody></table>",
     ]
     body += [_run_section(r, r.title, h=2, anchor=f"run-{i}") for i, r in enumerate(records, 1)]
-    return _atomic_write_text(Path(out_path), _page(title, "\n".join(body)))
+    return atomic_write_text(Path(out_path), _page(title, "\n".join(body)))

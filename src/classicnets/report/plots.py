@@ -25,9 +25,9 @@ Example, the three panels of Ioffe & Szegedy 2015, Figure 1::
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from classicnets.files import atomic_write_bytes
 
 __all__ = [
     "DPI",
@@ -99,22 +101,11 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = DPI) -> Pa
         The destination path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    # The temporary name must not end in .png: a report globbing plots/*.png would pick it up.
-    # Not tempfile.mkstemp: its files are private (0600); this one gets the umask, like open().
-    tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                fig.savefig(handle, format=fmt, dpi=dpi)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_path, path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=dpi)
+        atomic_write_bytes(path, buffer.getvalue())
     finally:
         # Only a pyplot-made figure is registered anywhere; closing one that is not is a no-op.
         pyplot = sys.modules.get("matplotlib.pyplot")

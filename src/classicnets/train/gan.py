@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches
-from classicnets.train.checkpoint import atomic_write_bytes, atomic_write_text
+from classicnets.files import atomic_write_bytes, atomic_write_text
 from classicnets.train.distributed import get_context
 from classicnets.train.faults import SignalGuard
 from classicnets.train.loop import (

@@ -15,12 +15,14 @@ import datetime as _dt
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from classicnets.train.checkpoint import atomic_write_text
+from classicnets.files import LOCK_NAME, atomic_write_text, hold_folder
 
-__all__ = ["RunDir", "RunError", "new_run_dir"]
+__all__ = ["RunDir", "RunError", "hold_run", "hold_run_writing", "new_run_dir"]
 
 
 class RunError(ValueError):
@@ -48,26 +50,79 @@ def _clean(value):
     return value
 
 
-def new_run_dir(out: str | os.PathLike | None, experiment: str) -> Path:
-    """A fresh folder: ``out`` itself if given (it must not hold a run yet), else
-    ``runs/<experiment>-<YYYYmmdd-HHMMSS>`` (with a suffix if that exists)."""
+def _refuse_occupied(path: Path) -> None:
+    """A run never goes into a folder holding anything but (at most) its own lock file."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out {path} is a file, not a folder; choose a new folder")
+    if not path.is_dir():
+        return
+    if (path / "config.json").exists():
+        raise RunError(
+            f"{path} already holds a run (config.json exists); use 'classicnets resume {path}' "
+            f"or choose another --out"
+        )
+    entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise RunError(
+            f"--out {path} is not empty and is not a run folder (it holds {shown}); "
+            f"choose a new or empty folder, nothing was written"
+        )
+
+
+@contextmanager
+def new_run_dir(out: str | os.PathLike | None, experiment: str) -> Iterator[Path]:
+    """A fresh run folder, locked for the ``with`` block: ``out`` itself if given (missing or
+    empty), else ``runs/<experiment>-<YYYYmmdd-HHMMSS>`` (with a suffix if that exists).
+
+    The folder is checked again once locked, so two runs racing for one ``--out`` cannot both
+    start in it: the loser is refused (``RunError`` or ``FolderLockedError``).
+    """
     if out is not None:
         path = Path(out)
-        if (path / "config.json").exists():
-            raise RunError(
-                f"{path} already holds a run (config.json exists); use 'classicnets resume {path}' "
-                f"or choose another --out"
-            )
+        _refuse_occupied(path)
         path.mkdir(parents=True, exist_ok=True)
-        return path
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{experiment}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path("runs") / f"{experiment}-{stamp}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        path, n = base, 1
+        while True:
+            try:
+                path.mkdir()  # atomic: exactly one process creates a given name
+                break
+            except FileExistsError:
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+    with hold_folder(path):
+        _refuse_occupied(path)
+        yield path
+
+
+@contextmanager
+def hold_run(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the lock of the existing run folder ``path`` for the ``with`` block (for resume and
+    every command that writes into a run); ``RunError`` if it is not a run folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"run folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise RunError(f"{path} is not a run folder: {path / 'config.json'} is missing")
+    with hold_folder(path):
+        yield path
+
+
+@contextmanager
+def hold_run_writing(path: str | os.PathLike, target: str | os.PathLike | None) -> Iterator[Path]:
+    """``hold_run(path)`` when ``target`` (None: a default inside the run) lies inside the run
+    folder, so that commands writing elsewhere still read a live run."""
+    path = Path(path)
+    inside = target is None or Path(target).resolve().is_relative_to(path.resolve())
+    if not inside:
+        yield path
+        return
+    with hold_run(path):
+        yield path
 
 
 class RunDir:
