@@ -11,6 +11,12 @@ the JSON is the commit record, so a checkpoint whose JSON exists is complete, an
 at any moment leaves either the previous checkpoint or the new one, never half of one. A truncated
 or tampered file fails the sha256 check with an error naming it; ``latest_checkpoint`` then falls
 back to the previous checkpoint.
+
+The JSON record is verified too, never trusted: it carries the sha256 of its own ``state`` (so an
+edited step or counter fails like a damaged tensor file), its ``step`` must equal the step in its
+file name, its tensors file must be the one beside it of the same name, and every field has the
+type the loops read. A record that fails any of this is skipped with a warning, exactly like a
+damaged tensors file, and the previous checkpoint is used.
 """
 
 from __future__ import annotations
@@ -43,10 +49,12 @@ __all__ = [
     "rng_state_tensors",
     "restore_rng_state",
     "save_checkpoint",
+    "state_digest",
     "unpack_optimizer",
 ]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the record holds the sha256 of its state; 1 (still read): it does not
+_READABLE_FORMATS = (1, 2)
 _NAME_RE = re.compile(r"^(?P<prefix>.+)-step(?P<step>\d+)\.json$")
 
 
@@ -86,6 +94,7 @@ def save_checkpoint(
         "tensors_file": tensors_file,
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         "tensors_size": len(blob),
+        "state_sha256": state_digest(state),
         "state": state,
     }
     json_path = atomic_write_text(directory / f"{name}.json", json.dumps(record, indent=1))
@@ -94,6 +103,52 @@ def save_checkpoint(
         if match:
             _prune(directory, match["prefix"], keep_last)
     return json_path
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """The sha256 of ``state`` in canonical JSON (sorted keys, no spaces): what a record stores
+    and what a reader recomputes from the state it parsed."""
+    text = json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_record(json_path: Path, record: Any) -> None:
+    """Raise ``CheckpointError`` naming ``json_path`` unless ``record`` is a well-formed record
+    of a readable format whose state matches its checksum and its file name."""
+    if not isinstance(record, dict):
+        raise CheckpointError(f"checkpoint record {json_path} is not a JSON object")
+    if record.get("format") not in _READABLE_FORMATS:
+        raise CheckpointError(
+            f"checkpoint record {json_path} has format {record.get('format')!r} "
+            f"(expected {CHECKPOINT_FORMAT})"
+        )
+    expected_file = f"{json_path.stem}.safetensors"
+    if record.get("tensors_file") != expected_file:
+        raise CheckpointError(
+            f"checkpoint record {json_path} names tensors file {record.get('tensors_file')!r}, "
+            f"expected {expected_file!r} beside it"
+        )
+    for key, kind in (("tensors_sha256", str), ("tensors_size", int)):
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(
+                f"checkpoint record {json_path}: {key} is {value!r}, expected {kind.__name__}"
+            )
+    state = record.get("state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint record {json_path}: 'state' is not a JSON object")
+    if record["format"] >= 2 and record.get("state_sha256") != state_digest(state):
+        raise CheckpointError(
+            f"checkpoint record {json_path}: its state does not match its state_sha256 "
+            f"(edited or damaged)"
+        )
+    match = _NAME_RE.match(json_path.name)
+    step = state.get("step")
+    if match and "step" in state and (type(step) is not int or step != int(match["step"])):
+        raise CheckpointError(
+            f"checkpoint record {json_path}: state.step is {step!r}, but the file name says "
+            f"step {int(match['step'])}"
+        )
 
 
 def _prune(directory: Path, prefix: str, keep_last: int) -> None:
@@ -115,23 +170,21 @@ def load_checkpoint(json_path: str | os.PathLike) -> tuple[dict[str, Tensor], di
         record = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {json_path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(
             f"checkpoint record {json_path} is unreadable or truncated ({exc})"
         ) from None
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"checkpoint record {json_path} has format {record.get('format')!r} "
-            f"(expected {CHECKPOINT_FORMAT})"
-            if isinstance(record, dict)
-            else f"checkpoint record {json_path} is not a JSON object"
-        )
+    _check_record(json_path, record)
     tensors_path = json_path.parent / record["tensors_file"]
     try:
         blob = tensors_path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(
             f"checkpoint tensors file {tensors_path} (named by {json_path}) is missing"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint tensors file {tensors_path} is unreadable ({exc})"
         ) from None
     if len(blob) != record["tensors_size"]:
         raise CheckpointError(

@@ -8,6 +8,8 @@ tensors (for safetensors) and a JSON-ready dict; ``restore()`` puts it back; ``s
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,10 @@ from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches
 from classicnets.train.checkpoint import (
+    CheckpointError,
     checkpoint_name,
-    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
     pack_optimizer,
     restore_rng_state,
     rng_state_tensors,
@@ -26,6 +30,28 @@ from classicnets.train.checkpoint import (
 )
 
 __all__ = ["TrainState"]
+
+
+# Top-level fields of a trainer state and the types ``restore`` reads them as.
+_STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "complete": (bool,),
+    "optimizers": (dict,),
+    "schedules": (dict,),
+    "scaler": (dict,),
+    "data_order": (dict, type(None)),
+    "extra": (dict,),
+}
+
+
+def _check_fields(state: dict[str, Any]) -> None:
+    for key, kinds in _STATE_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kinds) or (kinds == (int,) and isinstance(value, bool)):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise CheckpointError(f"state.{key} is {value!r}, expected {names}")
+    if state["step"] < 0:
+        raise CheckpointError(f"state.step is {state['step']}, expected >= 0")
 
 
 class TrainState:
@@ -79,6 +105,20 @@ class TrainState:
         return tensors, state
 
     def restore(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
+        """Put a snapshot back. A snapshot that does not fit (other modules, optimizers or
+        schedules than this state's) raises ``CheckpointError`` and may leave this state half
+        restored: ``resume`` undoes that."""
+        _check_fields(state)
+        try:
+            self._restore(tensors, state)
+        except CheckpointError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"it does not fit this run ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _restore(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         for name, module in self.modules.items():
             head = f"{name}."
             weights = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
@@ -106,10 +146,31 @@ class TrainState:
         )
 
     def resume(self, directory: str | Path, prefix: str) -> Path | None:
-        """Restore the newest valid checkpoint with ``prefix``; its path, or None if none."""
-        found = latest_checkpoint(directory, prefix)
-        if found is None:
-            return None
-        tensors, state, path = found
-        self.restore(tensors, state)
-        return path
+        """Restore the newest valid checkpoint with ``prefix``; its path, or None if none.
+
+        A checkpoint that fails verification (``load_checkpoint``) or does not fit this state
+        is skipped with a warning naming it, and the one before it is tried; when none fits,
+        the state is left exactly as it was built.
+        """
+        fresh = None
+        for _, json_path in reversed(list_checkpoints(directory, prefix)):
+            try:
+                tensors, state = load_checkpoint(json_path)
+                if fresh is None:  # a deep copy: module.state_dict() returns the live tensors
+                    fresh = _deep_copy(self.snapshot())
+                self.restore(tensors, state)
+            except CheckpointError as exc:
+                message = str(exc)
+                if str(json_path) not in message:
+                    message = f"checkpoint {json_path}: {message}"
+                warnings.warn(f"skipping damaged checkpoint: {message}", stacklevel=2)
+                if fresh is not None:
+                    self.restore(*_deep_copy(fresh))
+                continue
+            return json_path
+        return None
+
+
+def _deep_copy(snapshot: tuple[dict[str, Tensor], dict[str, Any]]):
+    tensors, state = snapshot
+    return {k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(state))
