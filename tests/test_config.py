@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
+from classicnets.experiments import list_experiments
 from classicnets.experiments.config import (
+    AT_LEAST_ONE,
+    RANGES,
     ConfigError,
+    Range,
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    numeric_fields,
     parse_value,
+    validate_config,
 )
 
 
@@ -23,6 +30,8 @@ class Demo:
     flag: bool = False
     widths: tuple[int, ...] = (100, 100)
     limit: int | None = None
+
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {"limit": AT_LEAST_ONE, "widths": AT_LEAST_ONE}
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -48,7 +57,7 @@ def test_overrides_parse_each_type():
         ("flag=maybe", "expected a boolean"),
         ("widths=1,x", "expected an integer"),
         ("limit=many", "expected int or none"),
-        ("steps=0", "steps must be >= 1"),
+        ("steps=0", "steps=0: expected a finite number >= 1"),
     ],
 )
 def test_bad_overrides_are_config_errors(item, message):
@@ -67,3 +76,68 @@ def test_round_trip_through_json_dict():
 
 def test_parse_value_float_accepts_int_text():
     assert parse_value("3", float) == 3.0
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+@pytest.mark.parametrize("experiment", [e.name for e in list_experiments()])
+def test_every_numeric_field_of_every_experiment_has_a_range(experiment):
+    (config_cls,) = [e.config_cls for e in list_experiments() if e.name == experiment]
+    ranges = {**RANGES, **getattr(config_cls, "FIELD_RANGES", {})}
+    missing = [name for name in numeric_fields(config_cls) if name not in ranges]
+    assert missing == []
+    for config in (config_cls(), config_cls.quick()):  # the documented defaults are in range
+        validate_config(config)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("lr_plain=-1", "lr_plain=-1.0: expected a finite number > 0"),
+        ("lr_plain=nan", "lr_plain=nan: expected a finite number > 0"),
+        ("lr_bn=inf", "lr_bn=inf: expected a finite number > 0"),
+        ("momentum=1", "momentum=1.0: expected in [0, 1)"),
+        ("momentum=-1", "momentum=-1.0: expected in [0, 1)"),
+        ("bn_eps=-1", "bn_eps=-1.0: expected a finite number > 0"),
+        ("bn_eps=0", "bn_eps=0.0: expected a finite number > 0"),
+        ("bn_momentum=0", "bn_momentum=0.0: expected in (0, 1]"),
+        ("train_limit=0", "train_limit=0: expected a finite number >= 1"),
+        ("train_limit=59", "train_limit=59: expected at least one batch (batch_size=60) or none"),
+        ("checkpoint_every=-1", "checkpoint_every=-1: expected a finite number >= 0"),
+        ("hidden_sizes=100,0", "hidden_sizes=0: expected a finite number >= 1"),
+        ("seed=-3", "seed=-3: expected in [0, 9.22337e+18]"),
+        ("weight_decay=-0.1", "weight_decay=-0.1: expected a finite number >= 0"),
+    ],
+)
+def test_out_of_range_values_name_key_value_and_range(item, message):
+    from classicnets.experiments import get_experiment
+
+    config = get_experiment("bn-mlp").config_cls.quick()
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(config, [item])
+    assert str(info.value) == message
+
+
+def test_range_describes_itself():
+    assert Range(0, 1, high_open=True).describe() == "in [0, 1)"
+    assert not Range(0, low_open=True).admits(float("nan"))
+    assert Range(-1, 1).admits(-1) and not Range(-1, 1, low_open=True).admits(-1)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"steps": "10"}, 'steps="10": expected an integer'),
+        ({"steps": True}, "steps=true: expected an integer"),
+        ({"lr": "fast"}, 'lr="fast": expected a number'),
+        ({"widths": 5}, "widths=5: expected a list of an integer"),
+        ({"flag": 1}, "flag=1: expected true or false"),
+        ({"limit": 0}, "limit=0: expected a finite number >= 1"),
+        ({"steps": 0}, "steps=0: expected a finite number >= 1"),
+    ],
+)
+def test_saved_config_is_checked_like_set(values, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(Demo, values)
+    assert str(info.value) == message

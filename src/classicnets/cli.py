@@ -17,6 +17,7 @@ imported only by the commands that need it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+MAX_SAMPLES = 10_000  # sample --n: more is a mistyped number, not a request
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,9 +218,9 @@ def _eval(args) -> int:
 def cmd_sample(args) -> int:
     from classicnets.experiments.common import ExperimentError, SampleRequest, sample_run
 
-    if args.n < 1:
-        raise ExperimentError(f"--n must be >= 1, got {args.n}")
-    if args.temperature <= 0:
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise ExperimentError(f"--n must be in [1, {MAX_SAMPLES}], got {args.n}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise ExperimentError(f"--temperature must be > 0, got {args.temperature}")
     request = SampleRequest(
         n=args.n,
@@ -285,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except known as exc:
-        print(f"classicnets: error: {exc}", file=sys.stderr)
+        print(f"classicnets: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # read-only, disk full, a file where a folder belongs, ...
+        print(f"classicnets: error: {_describe_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("classicnets: interrupted", file=sys.stderr)
@@ -304,6 +309,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"classicnets: run stopped: {exc}", file=sys.stderr)
             return EXIT_FAILED
         raise
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split("\n"))
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``PATH: what went wrong`` for an error of the file system. Files are written atomically,
+    so whatever failed left the previous version in place and the run resumable."""
+    path = exc.filename if exc.filename is not None else "a file"
+    reason = exc.strerror or type(exc).__name__
+    if exc.filename2 is not None:
+        path = f"{path} -> {exc.filename2}"
+    return f"{path}: {reason} (nothing was overwritten; fix it and run the command again)"
 
 
 def _run_dir_of(args, exc) -> str:

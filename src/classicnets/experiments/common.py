@@ -194,6 +194,8 @@ def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
     import torch
 
+    if not isinstance(device, str):
+        raise ExperimentError(f"device {device!r}: expected auto, cpu or cuda")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -237,13 +239,29 @@ def run_experiment(
             run.write_config(name, {**record, "_quick": quick, "_device": device})
             try:
                 summary = experiment.run(config, run, device=ctx.device, resume=False)
-            except Exception:
+            except Exception as exc:
                 if ctx.is_main:
+                    _record_divergence(run, exc)
                     _remove_if_empty(run)
                 raise
     finally:
         shutdown()
     return run.path, summary
+
+
+def _record_divergence(run: RunDir, exc: Exception) -> None:
+    """A run stopped by a NaN, infinite or exploding loss says so in its summary ("diverged",
+    with the message), never "complete" from an earlier session."""
+    from classicnets.train.loop import NonFiniteLossError
+
+    if not isinstance(exc, NonFiniteLossError) or not run.metrics_path.exists():
+        return
+    try:
+        summary = run.read_summary()
+    except RunError:
+        summary = {}
+    summary.update(status="diverged", error=str(exc))
+    run.write_summary(summary)
 
 
 def _remove_if_empty(run: RunDir) -> None:
@@ -282,7 +300,11 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
             if ctx.is_main:  # one writer: a second resume, or a run still going, is refused
                 stack.enter_context(hold_run(run.path))
             run.writer = ctx.is_main
-            return experiment.run(config, run, device=ctx.device, resume=True)
+            try:
+                return experiment.run(config, run, device=ctx.device, resume=True)
+            except Exception as exc:
+                _record_divergence(run, exc)
+                raise
     finally:
         shutdown()
 

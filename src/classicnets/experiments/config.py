@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
 
-__all__ = ["ConfigError", "apply_overrides", "config_from_dict", "config_to_dict", "parse_value"]
+__all__ = [
+    "RANGES",
+    "ConfigError",
+    "Range",
+    "apply_overrides",
+    "check_ranges",
+    "config_from_dict",
+    "config_to_dict",
+    "parse_value",
+    "validate_config",
+]
 
 
 class ConfigError(ValueError):
@@ -92,6 +103,172 @@ def parse_value(text: str, tp, key: str = "value") -> Any:
     raise ConfigError(f"{key}: values of type {_describe(tp)} cannot be set from the command line")
 
 
+# --------------------------------------------------------------------------- ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take: finite, within ``[low, high]`` (``low_open`` /
+    ``high_open`` exclude the end). Applies to each item of a tuple field; None (for ``X | None``
+    fields) is always allowed."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0, low_open=True)  # learning rates, eps, norms, scales
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)  # sizes, counts, intervals, steps
+FRACTION = Range(0, 1, high_open=True)  # momentum, Adam's betas, dropout: [0, 1)
+FACTOR = Range(0, 1, low_open=True)  # decay factors, BN momentum, label smoothing: (0, 1]
+SEED = Range(0, 2**63 - 1)
+
+# Every numeric field of every experiment config, by name: a name means the same thing in every
+# recipe. tests/test_config.py checks that no numeric field is missing from this table.
+RANGES: dict[str, Range] = {
+    # optimization
+    **dict.fromkeys(
+        ["lr", "lr_plain", "lr_bn", "lr_mlp", "lr_resnet", "lr_rnn_tanh", "lr_rnn_relu"], POSITIVE
+    ),
+    **dict.fromkeys(["lr_generator", "lr_discriminator"], POSITIVE),
+    "momentum": FRACTION,
+    "beta1": FRACTION,
+    "beta2": FRACTION,
+    "weight_decay": NON_NEGATIVE,
+    "clip_grad_norm": POSITIVE,
+    "max_grad_norm": POSITIVE,
+    # schedules
+    "lr_gamma": FACTOR,
+    "lr_decay": FACTOR,
+    "lr_step_every": AT_LEAST_ONE,
+    "warmup_steps": NON_NEGATIVE,
+    "epochs_at_full_lr": NON_NEGATIVE,
+    "plateau_patience": AT_LEAST_ONE,
+    "kl_warmup_epochs": NON_NEGATIVE,
+    "cvae_kl_warmup_epochs": NON_NEGATIVE,
+    # batch normalization and layers
+    "bn_eps": POSITIVE,
+    "bn_momentum": FACTOR,
+    "init_std": POSITIVE,
+    "init_scale": POSITIVE,
+    "dropout": FRACTION,
+    "decoder_dropout": FRACTION,
+    "negative_slope": NON_NEGATIVE,
+    **dict.fromkeys(
+        [
+            "hidden_sizes",
+            "mlp_hidden_sizes",
+            "channels",
+            "generator_hidden",
+            "discriminator_hidden",
+            "quick_widths",
+            "hidden_size",
+            "latent_size",
+            "kernel_size",
+            "num_layers",
+        ],
+        AT_LEAST_ONE,
+    ),
+    # budgets and cadence
+    **dict.fromkeys(
+        ["steps", "epochs", "batch_size", "eval_batch_size", "num_steps", "eval_num_steps"],
+        AT_LEAST_ONE,
+    ),
+    **dict.fromkeys(["eval_every", "log_every", "grid_every", "stop_after"], AT_LEAST_ONE),
+    "checkpoint_every": NON_NEGATIVE,  # 0: only at the end
+    "keep_checkpoints": AT_LEAST_ONE,
+    **dict.fromkeys(["train_limit", "test_limit", "eval_limit"], AT_LEAST_ONE),
+    "monitor_after": NON_NEGATIVE,
+    "watch_unit": NON_NEGATIVE,
+    "max_shift": NON_NEGATIVE,
+    # evaluation, grids and scores
+    **dict.fromkeys(
+        [
+            "eval_samples",
+            "grid_columns",
+            "grid_images",
+            "score_samples",
+            "score_samples_per_digit",
+            "collapse_window",
+            "win_window",
+        ],
+        AT_LEAST_ONE,
+    ),
+    "collapse_fraction": FACTOR,
+    "real_label": FACTOR,
+    "win_fake_below": Range(0, 1, low_open=True, high_open=True),
+    "win_loss_below": POSITIVE,
+    **dict.fromkeys(["seed", "eval_seed", "grid_seed", "sample_seed", "score_seed"], SEED),
+}
+
+
+def _numeric(tp) -> bool:
+    """Whether ``tp`` is int or float, possibly in ``X | None`` or ``tuple[X, ...]``."""
+    if tp in (int, float):
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType, tuple, list):
+        return any(_numeric(a) for a in typing.get_args(tp) if a is not type(None) and a != ...)
+    return False
+
+
+def numeric_fields(config_cls) -> list[str]:
+    """The names of the numeric fields of ``config_cls`` (those ``RANGES`` must cover)."""
+    hints = typing.get_type_hints(config_cls)
+    return [f.name for f in dataclasses.fields(config_cls) if _numeric(hints[f.name])]
+
+
+def check_ranges(config) -> None:
+    """Raise ``ConfigError`` naming the key, the value and the allowed range for the first
+    numeric field of ``config`` outside ``RANGES`` (NaN and infinities never pass), or a data
+    limit smaller than one batch. A config class may widen or narrow a name's range for its own
+    meaning of it in a ``FIELD_RANGES`` class attribute."""
+    ranges = {**RANGES, **getattr(type(config), "FIELD_RANGES", {})}
+    for name in numeric_fields(type(config)):
+        value = getattr(config, name)
+        if name not in ranges:
+            raise ConfigError(f"{type(config).__name__}.{name} has no declared range")
+        allowed = ranges[name]
+        for item in value if isinstance(value, (tuple, list)) else [value]:
+            if item is not None and not allowed.admits(item):
+                raise ConfigError(f"{name}={item!r}: expected {allowed.describe()}")
+    batch = getattr(config, "batch_size", None)
+    for name in ("train_limit", "test_limit"):
+        limit = getattr(config, name, None)
+        if limit is not None and isinstance(batch, int) and limit < batch:
+            raise ConfigError(
+                f"{name}={limit}: expected at least one batch (batch_size={batch}) or none"
+            )
+
+
+def validate_config(config):
+    """Check ``config``'s ranges, then its own ``validate()`` (cross-field rules); return it.
+    Every error is a ``ConfigError`` with a one-line message naming the key."""
+    check_ranges(config)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return config
+
+
 def _field_types(config) -> dict[str, Any]:
     return typing.get_type_hints(type(config))
 
@@ -117,14 +294,7 @@ def apply_overrides(config, overrides: list[str]):
                 f"{', '.join(names)}"
             )
         changes[key] = parse_value(text, hints[key], key)
-    new = dataclasses.replace(config, **changes)
-    validate = getattr(new, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return new
+    return validate_config(dataclasses.replace(config, **changes))
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -132,23 +302,62 @@ def config_to_dict(config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _coerce(value, tp):
+def _describe_type(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        return " or ".join(
+            "null" if a is type(None) else _describe_type(a) for a in typing.get_args(tp)
+        )
+    if origin in (tuple, list):
+        return f"a list of {_describe_type(typing.get_args(tp)[0])}"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, _describe(tp)
+    )
+
+
+def _from_json(value, tp, key: str):
+    """``value`` (parsed JSON) as type ``tp``, or ``ConfigError`` naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        options = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(value, options[0]) if len(options) == 1 else value
-    if origin is tuple and isinstance(value, list):
-        args = typing.get_args(tp)
-        return tuple(_coerce(v, args[0]) if args else v for v in value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+        for option in (a for a in typing.get_args(tp) if a is not type(None)):
+            try:
+                return _from_json(value, option, key)
+            except ConfigError:
+                continue
+    elif origin in (tuple, list):
+        if isinstance(value, list):
+            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            items = [_from_json(v, item, key) for v in value]
+            return tuple(items) if origin is tuple else items
+    elif origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key}={json.dumps(value)[:60]}: expected {_describe_type(tp)}")
 
 
 def config_from_dict(config_cls, values: dict[str, Any]):
-    """Rebuild a config saved by ``config_to_dict``; unknown keys are an error."""
+    """Rebuild a config saved by ``config_to_dict``, checking every value's type and range as
+    ``--set`` does; unknown keys are an error."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"the saved config is not a JSON object but {type(values).__name__}")
     hints = typing.get_type_hints(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = set(values) - names
@@ -156,4 +365,5 @@ def config_from_dict(config_cls, values: dict[str, Any]):
         raise ConfigError(
             f"saved config has keys unknown to {config_cls.__name__}: {', '.join(sorted(unknown))}"
         )
-    return config_cls(**{k: _coerce(v, hints[k]) for k, v in values.items()})
+    typed = {k: _from_json(v, hints[k], k) for k, v in values.items()}
+    return validate_config(config_cls(**typed))

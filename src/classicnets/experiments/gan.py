@@ -22,7 +22,7 @@ import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -35,6 +35,7 @@ from classicnets.experiments.common import (
     load_checkpointed,
     load_image_data,
 )
+from classicnets.experiments.config import NON_NEGATIVE, Range
 from classicnets.models.gan import GAN
 from classicnets.train.run import RunDir, RunError
 
@@ -57,6 +58,8 @@ class GANConfig(TrainingOptions):
     """Configuration of ``gan``. Of the shared ``TrainingOptions`` the GAN loop uses
     ``precision``, ``deterministic`` and ``keep_checkpoints``; the others must keep their
     defaults (no schedule, weight decay, clipping, compile, channels-last or sync BN)."""
+
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {"eval_every": NON_NEGATIVE}  # 0: at the end
 
     data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
     download: bool = True

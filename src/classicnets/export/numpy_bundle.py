@@ -302,8 +302,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             f"{manifest_path}: format_version {version!r}; this runtime reads version "
             f"{BUNDLE_FORMAT_VERSION}"
         )
-    weights = manifest.get("weights") or {}
-    weights_path = folder / str(weights.get("file", WEIGHTS_NAME))
+    weights_path, weights = _weights_entry(folder, manifest_path, manifest)
     tensors = _read_npz(weights_path)
     _validate(folder, manifest, tensors)
     # Last, the checksum: a tensor changed in place (same shape) is caught here.
@@ -316,9 +315,56 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     return Bundle(folder, manifest, tensors)
 
 
+def _weights_entry(folder: Path, where: Path, manifest: dict) -> tuple[Path, dict]:
+    """The manifest's ``weights`` entry, checked: a plain file name inside the bundle folder (no
+    path leads out of it) and a sha256 string (verified after the arrays are validated, so that
+    a damaged file is reported by what is wrong with it)."""
+    weights = manifest.get("weights")
+    if not isinstance(weights, dict):
+        raise ExportError(f"{where}: 'weights' must be an object with file, sha256 and size")
+    name = weights.get("file")
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ExportError(
+            f"{where}: weights.file must be a file name inside the bundle folder, got {name!r}"
+        )
+    path = folder / name
+    if path.is_symlink() or (path.exists() and path.resolve().parent != folder.resolve()):
+        raise ExportError(f"{where}: weights.file {name!r} leads out of the bundle folder")
+    if not path.is_file():
+        raise ExportError(f"{path}: weights file is missing")
+    if not isinstance(weights.get("sha256"), str):
+        raise ExportError(f"{where}: weights.sha256 must be a hex string")
+    return path, weights
+
+
+# What an archive may inflate to, at most: np.savez stores arrays uncompressed (ratio 1), and
+# float weights compressed with np.savez_compressed rarely shrink below a quarter; a "zip bomb"
+# inflates a thousandfold. Checked on the sizes the zip directory declares, before any reading
+# (zipfile never returns more bytes than a member declares).
+MAX_INFLATION = 32
+
+
+def _check_inflation(path: Path, archive_size: int) -> None:
+    if not zipfile.is_zipfile(path):
+        return  # not an archive at all: np.load says what it is (a pickle, a bare .npy, junk)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ExportError(f"{path}: not a valid .npz, truncated or damaged ({exc})") from None
+    declared = sum(m.file_size for m in members)
+    budget = MAX_INFLATION * archive_size + (1 << 20)
+    if declared > budget:
+        raise ExportError(
+            f"{path}: its arrays would inflate to {declared} bytes, more than {MAX_INFLATION} "
+            f"times the {archive_size}-byte archive; refused before decompressing"
+        )
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ExportError(f"{path}: weights file is missing")
+    _check_inflation(path, path.stat().st_size)
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.files)
@@ -357,11 +403,29 @@ def _validate(folder: Path, manifest: dict[str, Any], tensors: dict[str, np.ndar
     for key in ("inputs", "outputs", "layers"):
         if key not in manifest:
             raise ExportError(f"{where}: the manifest has no {key!r}")
+    for key in ("inputs", "layers"):
+        if not isinstance(manifest[key], list) or not manifest[key]:
+            raise ExportError(f"{where}: {key!r} must be a non-empty list, got {manifest[key]!r}")
     defined: set[str] = set()
     for spec in manifest["inputs"]:
         if not isinstance(spec, dict) or not {"name", "shape", "dtype"} <= set(spec):
             raise ExportError(f"{where}: each input needs name, shape and dtype, got {spec!r}")
+        shape = spec["shape"]
+        if (
+            not isinstance(spec["name"], str)
+            or not isinstance(spec["dtype"], str)
+            or not isinstance(shape, list)
+            or not all(d is None or (type(d) is int and d >= 1) for d in shape)
+        ):
+            raise ExportError(
+                f"{where}: input {spec['name']!r} needs a string name and dtype and a shape of "
+                f"positive integers or null, got {spec!r}"
+            )
         defined.add(spec["name"])
+    try:
+        flatten_structure(manifest["outputs"])
+    except TypeError:
+        raise ExportError(f"{where}: 'outputs' must be names or lists of names") from None
     used: set[str] = set()
     for index, layer in enumerate(manifest["layers"]):
         name = layer.get("name", f"#{index}") if isinstance(layer, dict) else f"#{index}"
@@ -376,7 +440,20 @@ def _validate(folder: Path, manifest: dict[str, Any], tensors: dict[str, np.ndar
         spec = OPS[op]
         label = f"{label} ({op})"
         inputs, outputs = layer.get("inputs", []), layer.get("outputs", [])
-        attrs = layer.get("attrs", {})
+        attrs, named = layer.get("attrs", {}), layer.get("tensors", {})
+        for field_name, value, kind in (
+            ("inputs", inputs, list),
+            ("outputs", outputs, list),
+            ("attrs", attrs, dict),
+            ("tensors", named, dict),
+        ):
+            if not isinstance(value, kind):
+                raise ExportError(
+                    f"{label}: {field_name} must be a {'list' if kind is list else 'object'}, "
+                    f"got {value!r}"
+                )
+        if not all(isinstance(v, str) for v in [*inputs, *outputs, *named.values()]):
+            raise ExportError(f"{label}: value and tensor names must be strings")
         n_in = len(inputs)
         if op in _BINARY:
             ok = n_in == 2 or (n_in == 1 and "scalar" in attrs)
@@ -396,10 +473,10 @@ def _validate(folder: Path, manifest: dict[str, Any], tensors: dict[str, np.ndar
         missing_attrs = [a for a in spec.attrs if a not in attrs]
         if missing_attrs:
             raise ExportError(f"{label}: missing attribute(s) {', '.join(missing_attrs)}")
-        _validate_tensors(label, spec, attrs, layer.get("tensors", {}), tensors, used)
+        _validate_tensors(label, spec, attrs, named, tensors, used)
         defined.update(outputs)
     for value in flatten_structure(manifest["outputs"]):
-        if value not in defined:
+        if not isinstance(value, str) or value not in defined:
             raise ExportError(f"{where}: output {value!r} is never computed")
     extra = sorted(set(tensors) - used)
     if extra:

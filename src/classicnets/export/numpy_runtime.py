@@ -571,6 +571,8 @@ def _as_input(spec: dict, value) -> np.ndarray:
     if array.dtype.kind == "f" and np.dtype(dtype).kind != "f":
         raise ExportError(f"input {spec['name']!r} expects {spec['dtype']}, got {array.dtype}")
     array = array.astype(dtype, copy=False)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ExportError(f"input {spec['name']!r} holds NaN or infinite values")
     shape = spec["shape"]
     if len(shape) != array.ndim or any(
         s is not None and s != a for s, a in zip(shape, array.shape)
@@ -623,7 +625,16 @@ def run_bundle(bundle: Bundle, inputs, hidden=None):
             raise ExportError(f"missing input {spec['name']!r} ({spec['shape']})")
     for layer in bundle.layers:
         xs = [values[name] for name in layer["inputs"]]
-        result = _RUN[layer["op"]](layer, xs, bundle.layer_tensors(layer))
+        try:
+            result = _RUN[layer["op"]](layer, xs, bundle.layer_tensors(layer))
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as exc:
+            # A manifest whose attributes do not fit its tensors or inputs (a reshape to the wrong
+            # size, an axis out of range, a string where a number belongs): name the layer.
+            shapes = ", ".join(str(list(x.shape)) for x in xs)
+            raise ExportError(
+                f"{bundle.path}: layer {layer.get('name', '?')!r} ({layer['op']}) failed on "
+                f"inputs of shape {shapes}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from None
         outputs = layer["outputs"]
         results = result if len(outputs) > 1 else (result,)
         for name, value in zip(outputs, results):

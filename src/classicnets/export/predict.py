@@ -26,7 +26,11 @@ import numpy as np
 from classicnets.export.numpy_bundle import Bundle, ExportError, load_bundle
 from classicnets.export.numpy_runtime import run_bundle, sigmoid, softmax
 
-__all__ = ["PredictRequest", "predict", "read_image", "save_image_grid", "tokenize"]
+# The most images one call draws or writes into one grid (10,000 28x28 images: a 2,800-pixel
+# square PNG); more is a mistyped --n, not a request.
+MAX_IMAGES = 10_000
+
+__all__ = ["MAX_IMAGES", "PredictRequest", "predict", "read_image", "save_image_grid", "tokenize"]
 
 
 @dataclass
@@ -61,13 +65,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise ExportError(f"{path}: not a numeric .npy array ({exc})") from None
+        if not isinstance(array, np.ndarray):
+            raise ExportError(f"{path}: not a .npy array")
+        if array.size == 0:
+            raise ExportError(f"{path}: the array is empty (shape {list(array.shape)})")
         if array.dtype == np.uint8:
             return array.astype(np.float32) / np.float32(255)
         if array.dtype.kind != "f":
             raise ExportError(f"{path}: expected uint8 or float pixels, got {array.dtype}")
-        if array.size and (array.min() < 0 or array.max() > 1):
+        if not np.isfinite(array).all():
+            raise ExportError(f"{path}: the pixels hold NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
             raise ExportError(
                 f"{path}: float pixels must be in [0, 1] (uint8 images are divided by 255), "
                 f"got [{array.min():.3g}, {array.max():.3g}]"
@@ -89,14 +99,28 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _image_batch(images: np.ndarray, example_shape: list[int], where: str) -> np.ndarray:
-    """``images`` reshaped to ``[N, *example_shape]`` (one image or a batch of them)."""
-    per_example = math.prod(example_shape)
-    if images.size == 0 or images.size % per_example:
-        raise ExportError(
-            f"{where}: image of shape {list(images.shape)} does not fit the model's input "
-            f"{example_shape} ({per_example} values per example)"
-        )
-    return images.reshape(-1, *example_shape)
+    """``images`` as a batch ``[N, *example_shape]``: one example of exactly the model's input
+    shape (for a one-channel model also ``[H, W]``), or a batch with a leading axis. Nothing
+    else is reshaped: a 56x56 image is not four 28x28 ones."""
+    if images.size == 0:
+        raise ExportError(f"{where}: the input is empty (shape {list(images.shape)})")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise ExportError(f"{where}: the input holds NaN or infinite values")
+    shape, example = list(images.shape), list(example_shape)
+    one_channel = example[1:] if len(example) == 3 and example[0] == 1 else None
+    if shape == example:
+        return images[None]
+    if one_channel is not None and shape == one_channel:
+        return images[None, None]  # (1, 1, H, W)
+    if len(shape) == len(example) + 1 and shape[1:] == example:
+        return images
+    if one_channel is not None and len(shape) == 3 and shape[1:] == one_channel:
+        return images[:, None]  # (N, 1, H, W)
+    accepted = [example, [None, *example]]
+    if one_channel is not None:
+        accepted[1:1] = [one_channel]
+    shown = " or ".join(str(a).replace("None", "N") for a in accepted)
+    raise ExportError(f"{where}: input of shape {shape} does not fit the model: expected {shown}")
 
 
 def save_image_grid(path: str | os.PathLike, images: np.ndarray, columns: int = 10) -> Path:
@@ -150,9 +174,12 @@ def tokenize(text: str, vocabulary: list[str]) -> list[int]:
 
 def _example_shape(bundle: Bundle) -> list[int]:
     shape = bundle.inputs[0]["shape"]
-    if shape[0] is not None:
-        raise ExportError(f"{bundle.path}: the first input has no batch axis ({shape})")
-    return [int(s) for s in shape[1:]]
+    if not shape or shape[0] is not None or any(s is None for s in shape[1:]):
+        raise ExportError(
+            f"{bundle.path}: manifest.json inputs[0].shape must be a batch axis (null) and fixed "
+            f"sizes, got {shape}"
+        )
+    return list(shape[1:])
 
 
 def _labels(bundle: Bundle, request: PredictRequest, count: int) -> np.ndarray | None:
@@ -190,15 +217,29 @@ def predict(bundle_path: str | os.PathLike, request: PredictRequest) -> str:
         raise ExportError(f"--top must be >= 1, got {request.top}")
     bundle = load_bundle(bundle_path)
     kind = bundle.kind
-    if kind == "classifier":
-        return _classify(bundle, request)
-    if kind == "autoencoder":
-        return _reconstruct(bundle, request)
-    if kind == "generator":
-        return _generate(bundle, request)
-    if kind == "language_model":
-        return _next_words(bundle, request)
-    raise ExportError(f"{bundle.path}: predict does not know models of kind {kind!r}")
+    run = (
+        {
+            "classifier": _classify,
+            "autoencoder": _reconstruct,
+            "generator": _generate,
+            "language_model": _next_words,
+        }.get(kind)
+        if isinstance(kind, str)
+        else None
+    )
+    if run is None:
+        raise ExportError(f"{bundle.path}: predict does not know models of kind {kind!r}")
+    try:
+        return run(bundle, request)
+    except ExportError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+        # The layers ran (their faults are named by run_bundle): what is left is the manifest's
+        # description of inputs and outputs (class_names, vocabulary, info) not fitting them.
+        raise ExportError(
+            f"{bundle.path}: manifest.json does not describe this model's inputs and outputs "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _classify(bundle: Bundle, request: PredictRequest) -> str:
@@ -206,6 +247,11 @@ def _classify(bundle: Bundle, request: PredictRequest) -> str:
     logits = _first_output(_run(bundle, x, _labels(bundle, request, len(x))))
     probabilities = softmax(logits.astype(np.float64), axis=-1)  # (N, classes)
     names = bundle.manifest.get("class_names") or [str(i) for i in range(logits.shape[-1])]
+    if not isinstance(names, list) or len(names) != logits.shape[-1]:
+        raise ExportError(
+            f"{bundle.path}: manifest.json class_names must list the model's "
+            f"{logits.shape[-1]} classes, got {str(names)[:60]}"
+        )
     lines = []
     for i, p in enumerate(probabilities):
         order = np.argsort(-p)[: request.top]
@@ -240,8 +286,13 @@ def _generate(bundle: Bundle, request: PredictRequest) -> str:
     if z_from_file:
         if not source.is_file():
             raise ExportError(f"{source}: no such file")
-        z = np.load(source, allow_pickle=False).astype(np.float32)
-        z = _image_batch(z, latent, request.input)
+        try:
+            z = np.load(source, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ExportError(f"{source}: not a numeric .npy array ({exc})") from None
+        if not isinstance(z, np.ndarray) or z.dtype.kind not in "fiu":
+            raise ExportError(f"{source}: expected a numeric array of latent vectors")
+        z = _image_batch(z.astype(np.float32), latent, request.input)
         what = f"latent vectors from {source}"
     else:
         try:
@@ -252,6 +303,8 @@ def _generate(bundle: Bundle, request: PredictRequest) -> str:
                 f"{request.input!r}"
             ) from None
         count = request.n or (10 if len(bundle.inputs) > 1 else 16)
+        if not 1 <= count <= MAX_IMAGES:
+            raise ExportError(f"--n must be in [1, {MAX_IMAGES}], got {count}")
         z = np.random.default_rng(seed).standard_normal((count, *latent)).astype(np.float32)
         what = f"z ~ N(0, I), numpy seed {seed}"
     labels = _labels(bundle, request, len(z))
@@ -266,6 +319,8 @@ def _next_words(bundle: Bundle, request: PredictRequest) -> str:
     vocabulary = bundle.manifest.get("vocabulary")
     if not vocabulary:
         raise ExportError(f"{bundle.path}: the bundle has no vocabulary")
+    if not isinstance(vocabulary, list) or not all(isinstance(w, str) for w in vocabulary):
+        raise ExportError(f"{bundle.path}: manifest.json vocabulary must be a list of words")
     text = request.input
     if text.endswith(".txt") and Path(text).is_file():
         text = Path(text).read_text(encoding="utf-8")

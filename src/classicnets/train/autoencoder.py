@@ -177,7 +177,9 @@ def train_autoencoder(
     loss_buffer = state.extra_tensors["loss_buffer"]
     norm_buffer = state.extra_tensors["grad_norm_buffer"]
     clock = TrainClock(state.extra["train_time_s"])
-    check_finite = FiniteCheck(variant, state.step, device, log_every, loss_buffer.__getitem__)
+    check_finite = FiniteCheck(
+        variant, state.step, device, log_every, loss_buffer.__getitem__, extra=state.extra
+    )
 
     def checkpoint() -> str | None:
         return save_checkpoint(state, run, variant, settings.keep_checkpoints, clock, check_finite)

@@ -282,7 +282,13 @@ def train_classifier(
     clock = TrainClock(state.extra["train_time_s"])
     all_reduce = torch.distributed.all_reduce if ctx.enabled else None
     check_finite = FiniteCheck(
-        variant, state.step, device, log_every, loss_buffer.__getitem__, all_reduce=all_reduce
+        variant,
+        state.step,
+        device,
+        log_every,
+        loss_buffer.__getitem__,
+        all_reduce=all_reduce,
+        extra=state.extra,
     )
 
     def checkpoint() -> str | None:

@@ -825,6 +825,8 @@ def train_gan(
         log_every,
         lambda idx: step_buffer[idx, :2],  # (k, 2): the two losses, of the four step values
         names=STEP_KEYS[:2],
+        losses=(0, 1),
+        extra=state.extra,
     )
 
     def checkpoint() -> str | None:

@@ -318,6 +318,7 @@ def train_language_model(
         device,
         log_every,
         lambda idx: torch.stack([nll_buffer[idx], norm_buffer[idx]], dim=1),  # (k, 2)
+        extra=state.extra,
     )
 
     def check_finite(step: int) -> None:

@@ -19,6 +19,7 @@ records, and agree on the rest, which lives here once:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from classicnets.train.run import RunDir
 from classicnets.train.state import TrainState
 
 __all__ = [
+    "EXPLOSION",
     "FiniteCheck",
     "NonFiniteLossError",
     "TrainClock",
@@ -44,7 +46,12 @@ __all__ = [
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step and the value."""
+    """The training loss became NaN or infinite, or exploded (``FiniteCheck``); the message
+    names the step and the value."""
+
+
+# A loss this many times its first value has diverged, even while finite.
+EXPLOSION = 1e6
 
 
 def resume_variant(
@@ -128,6 +135,11 @@ class FiniteCheck:
         names: what each column of ``rows`` is, for the error message.
         all_reduce: under DDP, a function that sums a tensor over the processes, so that every
             process stops at the same check; None in one process.
+        losses: the columns that are losses. A loss that grows past ``EXPLOSION`` times the
+            magnitude of its first value has diverged although it is still finite (a learning
+            rate of 1e30 gives losses of 1e31), and is reported like a NaN.
+        extra: the loop's ``TrainState.extra``, where the first values are kept, so that a
+            resumed run measures against the same ones; None keeps them here.
     """
 
     def __init__(
@@ -139,7 +151,11 @@ class FiniteCheck:
         rows: Callable[[Tensor], Tensor],
         names: Sequence[str] = ("training loss",),
         all_reduce: Callable[[Tensor], None] | None = None,
+        losses: Sequence[int] = (0,),
+        extra: dict | None = None,
     ) -> None:
+        self.losses = tuple(losses)
+        self.extra = {} if extra is None else extra
         self.variant = variant
         self.names = tuple(names)
         self.checked_upto = start
@@ -164,7 +180,11 @@ class FiniteCheck:
         idx = torch.arange(first, step, device=self.device) % self.log_every
         values = self.rows(idx)
         values = values if values.ndim == 2 else values[:, None]  # (k, m)
-        bad = (~torch.isfinite(values)).nonzero()  # (b, 2)
+        bad_mask = ~torch.isfinite(values)  # (k, m)
+        limits = self._limits(values)
+        if limits is not None:
+            bad_mask[:, list(self.losses)] |= values[:, list(self.losses)].abs() > limits
+        bad = bad_mask.nonzero()  # (b, 2)
         count = len(bad)
         if self.all_reduce is not None:
             flag = torch.tensor([float(count)], device=values.device)
@@ -177,8 +197,22 @@ class FiniteCheck:
             return first + 1, -1, values
         return first + int(bad[0, 0]) + 1, int(bad[0, 1]), values
 
+    def _limits(self, values: Tensor) -> Tensor | None:
+        """``EXPLOSION`` times the magnitude of each loss's first value (``[len(losses)]``),
+        taking the first values from ``values`` when they are not known yet."""
+        if "initial_losses" not in self.extra:
+            first = values[0, list(self.losses)].detach().double().cpu()
+            if not bool(torch.isfinite(first).all()):
+                return None  # reported as non-finite; nothing to measure against
+            self.extra["initial_losses"] = first.tolist()
+        initial = torch.tensor(self.extra["initial_losses"], dtype=torch.float64)
+        # A loss that starts at 0 (a perfect fit) is measured against 1 instead.
+        scale = torch.where(initial.abs() > 0, initial.abs(), torch.ones_like(initial))
+        return (EXPLOSION * scale).to(device=values.device, dtype=values.dtype)
+
     def __call__(self, step: int) -> None:
-        """Raise ``NonFiniteLossError`` if a value since the last check is not finite."""
+        """Raise ``NonFiniteLossError`` if a value since the last check is not finite, or is a
+        loss more than ``EXPLOSION`` times its first value."""
         found = self.first_bad(step)
         if found is None:
             return
@@ -188,6 +222,13 @@ class FiniteCheck:
             name, value = self.names[0], float("nan")
         else:
             name, value = self.names[column], values[bad_step - first - 1, column].item()
+        if math.isfinite(value):
+            initial = self.extra["initial_losses"][self.losses.index(column)]
+            raise NonFiniteLossError(
+                f"{self.variant}: {name} is {value:.4g} at step {bad_step}, over {EXPLOSION:.0e} "
+                f"times its first value {initial:.4g}: diverged; stopped. The newest checkpoint "
+                f"(written before that step) is kept intact."
+            )
         raise NonFiniteLossError(
             f"{self.variant}: {name} is {value} at step {bad_step}; stopped. The newest checkpoint "
             f"(written before that step) is kept intact."

@@ -183,10 +183,17 @@ class RunDir:
             raise RunError(
                 f"{self.path} is not a run folder: {self.config_path} is missing"
             ) from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise RunError(f"cannot read {self.config_path}: {exc}") from None
-        if not isinstance(record, dict) or "experiment" not in record or "config" not in record:
-            raise RunError(f"{self.config_path} lacks the 'experiment' and 'config' entries")
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("experiment"), str)
+            or not isinstance(record.get("config"), dict)
+        ):
+            raise RunError(
+                f"{self.config_path} lacks the 'experiment' (a name) and 'config' (an object) "
+                f"entries"
+            )
         return record
 
     # metrics
@@ -200,15 +207,37 @@ class RunDir:
             f.write(line + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every complete record of ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
+        """Every record of ``metrics.jsonl``, each a JSON object with a string ``variant`` and
+        an integer ``step``. A torn last line (a process killed mid-write) is skipped; a damaged
+        line anywhere else is a ``RunError`` naming the file and the line."""
         if not self.metrics_path.exists():
             return []
+        try:
+            text = self.metrics_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RunError(f"cannot read {self.metrics_path}: {exc}") from None
+        lines = text.split("\n")  # the last item is "" when the file ends with a newline
         records = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
                 continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                record = None
+            if (
+                isinstance(record, dict)
+                and isinstance(record.get("variant"), str)
+                and type(record.get("step")) is int
+            ):
+                records.append(record)
+            elif number == len(lines):  # no newline after it: torn by a kill
+                continue
+            else:
+                raise RunError(
+                    f"{self.metrics_path}:{number}: not a metrics record (a JSON object with "
+                    f"'variant' and an integer 'step'); repair or remove that line"
+                )
         return records
 
     def records(self, split: str) -> dict[str, list[dict[str, Any]]]:
@@ -254,6 +283,13 @@ class RunDir:
         )
 
     def read_summary(self) -> dict[str, Any]:
+        """``summary.json`` ({} before the first one); ``RunError`` if it is damaged."""
         if not self.summary_path.exists():
             return {}
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        try:
+            summary = json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise RunError(f"cannot read {self.summary_path}: {exc}") from None
+        if not isinstance(summary, dict):
+            raise RunError(f"{self.summary_path} is not a JSON object")
+        return summary

@@ -177,7 +177,9 @@ def train_vae(
     train_model = maybe_compile(model, settings.compile)
     buffer = state.extra_tensors["loss_buffer"]
     clock = TrainClock(state.extra["train_time_s"])
-    check_finite = FiniteCheck(variant, state.step, device, log_every, lambda idx: buffer[0, idx])
+    check_finite = FiniteCheck(
+        variant, state.step, device, log_every, lambda idx: buffer[0, idx], extra=state.extra
+    )
 
     def checkpoint() -> str | None:
         return save_checkpoint(state, run, variant, settings.keep_checkpoints, clock, check_finite)
