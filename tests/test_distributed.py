@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from classicnets.experiments import run_experiment
 from classicnets.train.checkpoint import list_checkpoints
 from classicnets.train.run import RunDir
+from tolerances import two_orders
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SETTINGS = [
@@ -27,6 +28,15 @@ SETTINGS = [
     "progress=false",
     "sync_bn=true",
 ]
+
+
+# Per step, the two processes' gradient (two half-batch sums, all-reduced) and the one process's
+# (one sum over the batch of 60) are two orders of the same sum: within two_orders(60, sum|g_i|),
+# with per-example gradient terms of the bn-mlp below 1 in magnitude once averaged (sum|g_i| / 60
+# <= 1). An SGD step moves the difference by lr (<= 2) times that; over the 60 steps the
+# differences add up, as long as training does not amplify them, which near the start of
+# training with these rates it does not (the loss falls smoothly).
+TOL = 60 * 2 * two_orders(60, 1.0)
 
 
 def _free_port() -> int:
@@ -66,7 +76,7 @@ def test_two_processes_with_sync_bn_equal_one_process(tmp_path, data_root):
         assert a.keys() == b.keys()
         for key in a:
             if a[key].is_floating_point():
-                torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
+                torch.testing.assert_close(b[key], a[key], atol=TOL, rtol=0, msg=key)
             else:
                 assert torch.equal(a[key], b[key]), key
     # Written once: one folder, each record once (rank 1 wrote nothing).
