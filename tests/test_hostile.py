@@ -191,7 +191,9 @@ CASES: dict[str, Case] = {
     ),
     "config value out of range": Case(["resume", "{run}"], "momentum=-1", _config(momentum=-1)),
     "config unknown key": Case(["resume", "{run}"], "bogus", _config(bogus=1)),
-    "config device not a name": Case(["resume", "{run}"], "device 7", _config(_device=7)),
+    "config device not a name": Case(
+        ["resume", "{run}"], "config.json: _device=7: expected", _config(_device=7)
+    ),
     "config.json not JSON": Case(
         ["resume", "{run}"], "cannot read", _write("run/config.json", "{")
     ),
@@ -217,7 +219,9 @@ CASES: dict[str, Case] = {
         ["report", "{run}"], "summary.json", _write("run/summary.json", "[1, 2")
     ),
     "resume of no folder": Case(["resume", "{work}/nothing"], "does not exist"),
-    "resume of a file": Case(["resume", "{work}/notes.txt"], "notes.txt", _write("notes.txt", "x")),
+    "resume of a file": Case(
+        ["resume", "{work}/notes.txt"], "is a file, not a run folder", _write("notes.txt", "x")
+    ),
     "resume of a folder that is no run": Case(
         ["resume", "{work}/mine"], "is not a run folder", _write("mine/a.txt", "x")
     ),
@@ -251,8 +255,10 @@ CASES: dict[str, Case] = {
     ),
     "predict a missing input": Case(["predict", BUNDLE, "{work}/none.png"], "no such file"),
     "predict a .npy that is text": Case(
-        ["predict", BUNDLE, "{work}/x.npy"], "not a numeric .npy", _write("x.npy", "hello")
-    ),
+        ["predict", BUNDLE, "{work}/x.npy"],
+        "refused, inputs are read with allow_pickle=False",
+        _write("x.npy", "hello"),
+    ),  # fmt: skip
     "predict --top 0": Case(["predict", BUNDLE, "{work}/none.png", "--top", "0"], "--top"),
     # ---- predict: malformed bundles
     "weights.file leads out": Case(
@@ -292,7 +298,7 @@ CASES: dict[str, Case] = {
     ),  # fmt: skip
     "layer attrs a string": Case(
         ["predict", BUNDLE, "{work}/none.png"],
-        "attrs must be a object",
+        "attrs must be an object",
         _manifest(_layer(1, attrs="x")),
     ),  # fmt: skip
     "layer inputs a string": Case(

@@ -281,6 +281,9 @@ def _load(run_dir: str | Path) -> tuple[Experiment, Any, RunDir, dict]:
     record = run.read_config()
     experiment = get_experiment(record["experiment"])
     values = {k: v for k, v in record["config"].items() if not k.startswith("_")}
+    device = record["config"].get("_device", "auto")
+    if not isinstance(device, str):
+        raise RunError(f"{run.config_path}: _device={device!r}: expected auto, cpu or cuda")
     try:
         config = config_from_dict(experiment.config_cls, values)
     except (ConfigError, TypeError) as exc:

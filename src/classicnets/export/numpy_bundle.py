@@ -449,7 +449,7 @@ def _validate(folder: Path, manifest: dict[str, Any], tensors: dict[str, np.ndar
         ):
             if not isinstance(value, kind):
                 raise ExportError(
-                    f"{label}: {field_name} must be a {'list' if kind is list else 'object'}, "
+                    f"{label}: {field_name} must be {'a list' if kind is list else 'an object'}, "
                     f"got {value!r}"
                 )
         if not all(isinstance(v, str) for v in [*inputs, *outputs, *named.values()]):

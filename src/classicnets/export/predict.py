@@ -66,7 +66,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise ExportError(f"{path}: not a numeric .npy array ({exc})") from None
+            raise ExportError(f"{path}: not a numeric .npy array ({_npy_fault(exc)})") from None
         if not isinstance(array, np.ndarray):
             raise ExportError(f"{path}: not a .npy array")
         if array.size == 0:
@@ -96,6 +96,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except OSError as exc:
         raise ExportError(f"{path}: not a readable image ({exc})") from None
     return gray.astype(np.float32) / np.float32(255)
+
+
+def _npy_fault(exc: Exception) -> str:
+    """What ``np.load`` found wrong, without its advice to load pickles unsafely."""
+    if "pickle" in str(exc).lower():
+        return "pickled or not a .npy file; refused, inputs are read with allow_pickle=False"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _image_batch(images: np.ndarray, example_shape: list[int], where: str) -> np.ndarray:
@@ -289,7 +296,7 @@ def _generate(bundle: Bundle, request: PredictRequest) -> str:
         try:
             z = np.load(source, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise ExportError(f"{source}: not a numeric .npy array ({exc})") from None
+            raise ExportError(f"{source}: not a numeric .npy array ({_npy_fault(exc)})") from None
         if not isinstance(z, np.ndarray) or z.dtype.kind not in "fiu":
             raise ExportError(f"{source}: expected a numeric array of latent vectors")
         z = _image_batch(z.astype(np.float32), latent, request.input)

@@ -104,6 +104,8 @@ def hold_run(path: str | os.PathLike) -> Iterator[Path]:
     """Hold the lock of the existing run folder ``path`` for the ``with`` block (for resume and
     every command that writes into a run); ``RunError`` if it is not a run folder."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{path} is a file, not a run folder")
     if not path.is_dir():
         raise RunError(f"run folder {path} does not exist")
     if not (path / "config.json").is_file():
@@ -175,6 +177,8 @@ class RunDir:
         atomic_write_text(self.config_path, json.dumps(record, indent=2, default=_json_default))
 
     def read_config(self) -> dict[str, Any]:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} is a file, not a run folder")
         if not self.path.is_dir():
             raise RunError(f"run folder {self.path} does not exist")
         try:
