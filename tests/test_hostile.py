@@ -493,7 +493,7 @@ def test_second_writer_of_a_live_run_is_refused(data_root, tmp_path):
             (["resume", str(out)], busy),
             (["eval", str(out)], busy),
             (["export", str(out), "--format", "numpy"], busy),  # into RUN/export by default
-            ([*RUN, "--out", str(out)], f"{out} already holds a run"),
+            ([*RUN, "--out", str(out)], busy),
         ):
             second = _classicnets(*argv)
             _, err = second.communicate(timeout=120)
@@ -511,3 +511,20 @@ def test_second_writer_of_a_live_run_is_refused(data_root, tmp_path):
     keys = [(r["variant"], r["split"], r["step"]) for r in records]
     assert len(keys) == len(set(keys))  # no record written twice
     assert holder_pid(out) is None  # the lock went with the process
+
+
+def test_two_runs_racing_for_one_new_out_folder(data_root, tmp_path):
+    """Started together on the same new --out: exactly one trains, the other is refused."""
+    out = tmp_path / "race"
+    sets = [a for s in [*SMALL, f"data_dir={data_root}"] for a in ("--set", s)]
+    procs = [_classicnets(*RUN, "--out", str(out), *sets) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    (err,) = [err for code, err in results if code == 2]
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # Refused by the lock while the other starts, or by its config.json once it has begun.
+    assert "in use by another classicnets process" in err or "already holds a run" in err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["variant"], r["split"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys))

@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "hold_folder",
+    "holder_pid",
     "remove_stale_temporaries",
 ]
 

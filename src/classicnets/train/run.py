@@ -20,7 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from classicnets.files import LOCK_NAME, atomic_write_text, hold_folder
+from classicnets.files import (
+    LOCK_NAME,
+    FolderLockedError,
+    atomic_write_text,
+    hold_folder,
+    holder_pid,
+)
 
 __all__ = ["RunDir", "RunError", "hold_run", "hold_run_writing", "new_run_dir"]
 
@@ -50,12 +56,19 @@ def _clean(value):
     return value
 
 
-def _refuse_occupied(path: Path) -> None:
-    """A run never goes into a folder holding anything but (at most) its own lock file."""
+def _refuse_occupied(path: Path, ours: bool = False) -> None:
+    """A run never goes into a folder holding anything but (at most) its own lock file.
+    ``ours``: this process holds the folder's lock (the check after taking it)."""
     if path.exists() and not path.is_dir():
         raise RunError(f"--out {path} is a file, not a folder; choose a new folder")
     if not path.is_dir():
         return
+    holder = None if ours else holder_pid(path)
+    if holder is not None:  # a run is starting or going on there right now
+        who = f"PID {holder}" if holder > 0 else "another process"
+        raise FolderLockedError(
+            f"{path} is in use by another classicnets process ({who}); choose another --out"
+        )
     if (path / "config.json").exists():
         raise RunError(
             f"{path} already holds a run (config.json exists); use 'classicnets resume {path}' "
@@ -95,7 +108,7 @@ def new_run_dir(out: str | os.PathLike | None, experiment: str) -> Iterator[Path
                 n += 1
                 path = base.with_name(f"{base.name}-{n}")
     with hold_folder(path):
-        _refuse_occupied(path)
+        _refuse_occupied(path, ours=True)
         yield path
 
 
