@@ -164,6 +164,32 @@ def test_gan_graph_keeps_a_dynamic_batch_axis_under_tracing(name, tmp_path):
     assert report.details["exporter"] == "torchscript"
 
 
+class _CropTwoAxes(nn.Module):
+    """Slices two axes in one index before a transposed convolution, whose converter reads the
+    shape of its input: the shape after both slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(x[:, :, 1:-1, 0:-3])  # (N, 3, 4, 3) -> (N, 2, 8, 6)
+
+
+def test_slicing_two_axes_at_once_exports(tmp_path):
+    torch.manual_seed(0)
+    model = _CropTwoAxes().eval()
+    info = {"kind": "autoencoder", "input_shape": [3, 6, 6], "input_dtype": "float32"}
+    bundle = load_bundle(export_numpy(model, info, tmp_path / "crop").path)
+    x = torch.rand(4, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    # Each output sums at most 3 products (one tap per input channel at stride 2) and a bias,
+    # |w| <= 1/sqrt(12) (PyTorch's init) and x in [0, 1).
+    tol = two_orders(4, 4 / 12**0.5)
+    np.testing.assert_allclose(run_bundle(bundle, x.numpy()), expected, rtol=0, atol=tol)
+
+
 def test_language_model_state_is_an_input_and_an_output(tmp_path):
     torch.manual_seed(0)
     model = create_model("rnnlm-lstm", vocab_size=12, hidden_size=6, num_layers=2).eval()

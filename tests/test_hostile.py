@@ -136,6 +136,7 @@ class Case:
 
 
 RUN = ["run", "bn-mlp", "--quick", "--device", "cpu"]
+KERAS_FIXTURE = str(Path(__file__).resolve().parent / "keras_fixtures" / "dense.keras")
 BUNDLE = "{work}/export/bn"
 
 CASES: dict[str, Case] = {
@@ -347,6 +348,44 @@ CASES: dict[str, Case] = {
         "unreadable manifest",
         _write("export/bn/manifest.json", "{"),
     ),  # fmt: skip
+    # ---- import-keras, bn-check, recalibrate
+    "import-keras a missing file": Case(
+        ["import-keras", "{work}/none.keras", "--out", "{work}/m"], "none.keras: no such file"
+    ),
+    "import-keras a text file": Case(
+        ["import-keras", "{work}/notes.txt", "--out", "{work}/m"],
+        "neither a .keras archive nor an HDF5",
+        _write("notes.txt", "x"),
+    ),
+    "import-keras into a user's folder": Case(
+        ["import-keras", KERAS_FIXTURE, "--out", "{work}/mine"],
+        "exists and is not an empty folder",
+        _write("mine/a.txt", "x"),
+    ),
+    "bn-check of no folder": Case(["bn-check", "{work}/nothing"], "does not exist"),
+    "bn-check --inputs missing": Case(
+        ["bn-check", "{run}", "--inputs", "{work}/none.npy"], "none.npy: no such file"
+    ),
+    "bn-check --inputs NaN": Case(
+        ["bn-check", "{run}", "--inputs", "{work}/x.npy"],
+        "holds NaN or infinite values",
+        _npy("x.npy", np.full((4, 1, 28, 28), np.nan, dtype=np.float32)),
+    ),
+    "bn-check --inputs of another shape": Case(
+        ["bn-check", "{run}", "--inputs", "{work}/x.npy"],
+        "shape [4, 784], the model takes [N, 1, 28, 28]",
+        _npy("x.npy", np.zeros((4, 784), dtype=np.float32)),
+    ),
+    "bn-check --inputs not an array": Case(
+        ["bn-check", "{run}", "--inputs", "{work}/x.npy"],
+        "not a numeric .npy",
+        _write("x.npy", "x"),
+    ),
+    "recalibrate --inputs empty": Case(
+        ["recalibrate", "{run}", "--inputs", "{work}/x.npy"],
+        "expected a non-empty numeric array",
+        _npy("x.npy", np.zeros((0, 1, 28, 28), dtype=np.float32)),
+    ),
     "zip bomb": Case(
         ["predict", BUNDLE, "{work}/none.png"], "refused before decompressing", _zip_bomb
     ),

@@ -209,3 +209,65 @@ def test_unreadable_files_are_named(tmp_path):
         f.create_dataset("x", data=np.zeros(3))
     with pytest.raises(KerasImportError, match="without 'model_config'"):
         load_keras(weights_only)
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def test_import_keras_folder_exports_predicts_and_is_checked(tmp_path, capsys):
+    from classicnets.cli import main
+
+    pytest.importorskip("onnxruntime")
+    data = _fixture("dense")
+    folder = tmp_path / "imported"
+    assert main(["import-keras", str(FIXTURES / "dense.keras"), "--out", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.json",
+        "model.safetensors",
+        "run.lock",
+    ]
+    manifest = json.loads((folder / "model.json").read_text())
+    assert (
+        manifest["info"]["kind"] == "classifier" and manifest["info"]["outputs"] == "probabilities"
+    )
+
+    # export as a NumPy bundle and as ONNX (each checked against torch by the exporter)
+    assert (
+        main(["export", str(folder), "--format", "numpy", "--out", str(tmp_path / "export")]) == 0
+    )
+    assert main(["export", str(folder), "--format", "onnx", "--out", str(tmp_path / "export")]) == 0
+    np.save(tmp_path / "x.npy", data["x"][:1])
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "export" / "model"), str(tmp_path / "x.npy")]) == 0
+    printed = capsys.readouterr().out
+    best = int(np.argmax(data["y"][0]))
+    assert printed.startswith(f"class {best} (probability {data['y'][0, best]:.4f})"), printed
+
+    # the doctor needs data for a model folder; recalibration keeps the old weights
+    assert main(["bn-check", str(folder)]) == 2
+    assert "give the data with --inputs" in capsys.readouterr().err
+    np.save(tmp_path / "xb.npy", data["xb"])
+    assert main(["bn-check", str(folder), "--inputs", str(tmp_path / "xb.npy")]) == 0
+    old = (folder / "model.safetensors").read_bytes()
+    assert main(["recalibrate", str(folder), "--inputs", str(tmp_path / "xb.npy")]) == 0
+    assert (folder / "model.before-recalibration.safetensors").read_bytes() == old
+    capsys.readouterr()
+    assert main(["bn-check", str(folder), "--inputs", str(tmp_path / "xb.npy"), "--json"]) == 0
+    (layer,) = json.loads(capsys.readouterr().out)["layers"]
+    assert layer["mean_rel_error"] < 1e-3 and layer["var_rel_error"] < 1e-3
+
+
+def test_model_folder_rebuilds_the_imported_model(tmp_path):
+    from classicnets.interop.folder import import_keras, load_model_folder
+
+    data = _fixture("conv")
+    import_keras(FIXTURES / "conv.h5", tmp_path / "m", channels_first=True)
+    model, manifest = load_model_folder(tmp_path / "m")
+    assert manifest["info"]["input_shape"] == [3, 9, 9]
+    with torch.no_grad():
+        got = model(torch.from_numpy(data["x"]).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got, data["y"], rtol=0, atol=_tolerance("conv", data["y"]))
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(KerasImportError, match="sha256 does not match"):
+        load_model_folder(tmp_path / "m")

@@ -8,6 +8,9 @@
     classicnets report RUN_DIR [RUN_DIR ...] [-o FILE]
     classicnets export RUN_DIR --format onnx|numpy [--fold-bn] [--variant V] [--out DIR]
     classicnets predict BUNDLE INPUT [--top K] [--out PNG] [--label K] [--n N]   (no torch)
+    classicnets import-keras FILE --out DIR [--channels-first]
+    classicnets bn-check PATH [--inputs X.npy] [--json]
+    classicnets recalibrate PATH [--inputs X.npy]
 
 Bad input (an unknown experiment, an unknown or ill-typed ``--set`` key, an unreadable path or
 data file) gives a one-line message on stderr and exit code 2, never a traceback. Torch is
@@ -93,6 +96,26 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write an output image (PNG)")
     p.add_argument("--label", type=int, default=None, help="class for conditional models")
     p.add_argument("--n", type=int, default=None, help="generators: images to draw")
+
+    p = sub.add_parser(
+        "import-keras", help="a Keras .keras/.h5 model as a classicnets model folder"
+    )
+    p.add_argument("file", help="the Keras model file (.keras archive or legacy .h5)")
+    p.add_argument("--out", required=True, help="the model folder to write (new or empty)")
+    p.add_argument("--channels-first", action="store_true", help="take NCHW images, not NHWC")
+
+    p = sub.add_parser("bn-check", help="the BN doctor: running statistics against the data")
+    p.add_argument("path", help="a run folder or a model folder")
+    p.add_argument(
+        "--inputs", default=None, help=".npy of inputs (default: the run's training data)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("recalibrate", help="precise BN statistics as a new checkpoint")
+    p.add_argument("path", help="a run folder or a model folder")
+    p.add_argument(
+        "--inputs", default=None, help=".npy of inputs (default: the run's training data)"
+    )
     return parser
 
 
@@ -103,6 +126,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from classicnets.experiments.config import ConfigError
     from classicnets.export import ExportError
     from classicnets.files import FolderLockedError
+    from classicnets.interop.keras import KerasImportError
     from classicnets.report.html import ReportError
     from classicnets.train.checkpoint import CheckpointError
     from classicnets.train.run import RunError
@@ -116,6 +140,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         ExportError,
         FolderLockedError,
+        KerasImportError,
     )
 
 
@@ -268,6 +293,37 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_import_keras(args) -> int:
+    from classicnets.interop.folder import import_keras
+
+    folder = import_keras(args.file, args.out, channels_first=args.channels_first)
+    print(f"model folder: {folder} (export it with: classicnets export {folder} --format numpy)")
+    return 0
+
+
+def cmd_bn_check(args) -> int:
+    import json
+
+    from classicnets.experiments.doctor import bn_check, reports_as_json
+    from classicnets.nn.doctor import format_report
+
+    reports = bn_check(args.path, args.inputs)
+    if args.json:
+        print(json.dumps(reports_as_json(reports), indent=1))
+    else:
+        for name, layers in reports.items():
+            print(format_report(layers, title=f"{name}:"))
+    return 0
+
+
+def cmd_recalibrate(args) -> int:
+    from classicnets.experiments.doctor import recalibrate
+
+    for line in recalibrate(args.path, args.inputs):
+        print(line)
+    return 0
+
+
 COMMANDS = {
     "list": cmd_list,
     "run": cmd_run,
@@ -277,6 +333,9 @@ COMMANDS = {
     "sample": cmd_sample,
     "export": cmd_export,
     "predict": cmd_predict,
+    "import-keras": cmd_import_keras,
+    "bn-check": cmd_bn_check,
+    "recalibrate": cmd_recalibrate,
 }
 
 

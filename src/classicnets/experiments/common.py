@@ -47,6 +47,7 @@ __all__ = [
     "load_image_data",
     "resolve_device",
     "resume_experiment",
+    "run_config",
     "run_experiment",
     "train_settings",
 ]
@@ -291,6 +292,11 @@ def _load(run_dir: str | Path) -> tuple[Experiment, Any, RunDir, dict]:
     return experiment, config, run, record
 
 
+def run_config(run_dir: str | Path):
+    """The resolved config of the run in ``run_dir``, checked as ``resume`` checks it."""
+    return _load(run_dir)[1]
+
+
 def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its last checkpoints; return its summary."""
     from classicnets.train.distributed import init_from_env, shutdown
@@ -313,7 +319,14 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
 
 
 def load_trained_models(run_dir: str | Path, device: str = "auto") -> dict[str, TrainedModel]:
-    """The trained models of a run (newest checkpoint of each variant), in eval mode."""
+    """The trained models of a run (newest checkpoint of each variant), in eval mode; for a
+    model folder (``classicnets import-keras``), its one model, named ``model``."""
+    from classicnets.interop.folder import is_model_folder, load_model_folder
+
+    if is_model_folder(run_dir):
+        model, manifest = load_model_folder(run_dir)
+        weights = str(Path(run_dir) / manifest["weights"]["file"])
+        return {"model": TrainedModel(model, 0, weights, manifest["info"])}
     experiment, config, run, _ = _load(run_dir)
     if experiment.load_models is None:
         raise ExperimentError(f"experiment {experiment.name!r} has no exportable models")

@@ -210,6 +210,26 @@ def _elu_module(cx, node, m, x):
     return cx.emit(node, "elu", [x], {"alpha": float(m.alpha)})
 
 
+@register_function(F.elu)
+def _elu_function(cx, node, x, alpha=1.0, inplace=False):
+    return cx.emit(node, "elu", [x], {"alpha": float(_unwrap_static(alpha))})
+
+
+@register_function(F.pad)
+def _pad_function(cx, node, x, pad, mode="constant", value=None):
+    """Constant padding of the last axes: ``pad`` is (last_before, last_after, ...) as in
+    ``F.pad``; the bundle stores it as one ``[before, after]`` pair per axis from the last."""
+    mode = _unwrap_static(mode)
+    if mode != "constant":
+        raise ExportError(f"{node.name}: F.pad mode {mode!r} has no NumPy op (constant only)")
+    pads = [int(p) for p in _unwrap_static(pad)]
+    fill = _unwrap_static(value)
+    return cx.emit(
+        node, "pad", [x], {"pads": [pads[i : i + 2] for i in range(0, len(pads), 2)],
+                           "value": 0.0 if fill is None else float(fill)},
+    )  # fmt: skip
+
+
 @register_module(nn.GELU)
 def _gelu_module(cx, node, m, x):
     return cx.emit(node, "gelu", [x], {"approximate": m.approximate})
@@ -444,18 +464,20 @@ def _getitem(cx, node, value, index):
     items = index if isinstance(index, tuple) else (index,)
     if any(i is Ellipsis or i is None or not isinstance(i, (int, slice)) for i in items):
         raise ExportError(f"{node.name}: only int and slice indexing is supported, got {index!r}")
-    out, squeeze = x, False
+    out, squeeze, previous = x, False, x
     for axis, item in enumerate(items):
         if item == slice(None):
             continue
         if isinstance(item, int):
-            size = x.shape_a[axis]
+            size = previous.shape_a[axis]
             start = item % size
             item, squeeze = slice(start, start + 1, 1), True
         attrs = {"axis": axis, "start": item.start, "stop": item.stop, "step": item.step}
         out = cx.emit(node, "slice", [out], attrs, name=f"{node.name}.slice{axis}")
         # the recorded shape of the node is the final one; fix up the intermediate's shape
-        out = Value(out.name, _sliced_shapes(x, axis, item), x.dtype)
+        # (from the previous intermediate: a slice on a second axis keeps the first's)
+        out = Value(out.name, _sliced_shapes(previous, axis, item), x.dtype)
+        previous = out
     if squeeze:
         return _reshape(cx, node, out)
     return out

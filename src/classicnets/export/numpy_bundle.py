@@ -169,6 +169,7 @@ OPS: dict[str, OpSpec] = {
     "average_unpool2d": OpSpec(1, ("size",)),
     # shapes
     "reshape": OpSpec(1, ("shape",)),
+    "pad": OpSpec(1, ("pads", "value")),
     "transpose": OpSpec(1, ("perm",)),
     "slice": OpSpec(1, ("axis", "start", "stop", "step")),
     "concat": OpSpec(None, ("axis",)),

@@ -41,6 +41,7 @@ __all__ = [
     "lstm",
     "lstm_cell",
     "max_pool2d",
+    "pad",
     "relu",
     "rnn",
     "rnn_cell",
@@ -562,6 +563,7 @@ _RUN: dict[str, Callable[[dict, list, dict], Any]] = {
     "sqrt": lambda L, xs, t: np.sqrt(xs[0]),
     "abs": lambda L, xs, t: np.abs(xs[0]),
     "clamp": lambda L, xs, t: np.clip(xs[0], L["attrs"]["min"], L["attrs"]["max"]),
+    "pad": lambda L, xs, t: pad(xs[0], L["attrs"]["pads"], L["attrs"]["value"]),
 }
 
 
@@ -592,6 +594,15 @@ def _flatten_values(value) -> list:
     if isinstance(value, tuple):
         return [v for item in value for v in _flatten_values(item)]
     return [value]
+
+
+def pad(x: np.ndarray, pads: list[list[int]], value: float = 0.0) -> np.ndarray:
+    """Constant padding: ``pads[k] = [before, after]`` of the k-th axis from the last (as
+    ``torch.nn.functional.pad`` orders them); ``value`` fills (``-inf`` for max pooling)."""
+    widths = [(0, 0)] * x.ndim
+    for k, (before, after) in enumerate(pads):
+        widths[x.ndim - 1 - k] = (int(before), int(after))
+    return np.pad(x, widths, mode="constant", constant_values=np.asarray(value, x.dtype))
 
 
 def run_bundle(bundle: Bundle, inputs, hidden=None):

@@ -55,7 +55,7 @@ class PredictRequest:
 # --------------------------------------------------------------------------- images
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, unit_range: bool = True) -> np.ndarray:
     """An image file as float32 in [0, 1]: a PNG (converted to 8-bit grayscale) or a ``.npy``
     array (uint8 is divided by 255; floats must already be in [0, 1]). Shapes are kept, so a
     ``.npy`` may hold a batch."""
@@ -77,7 +77,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             raise ExportError(f"{path}: expected uint8 or float pixels, got {array.dtype}")
         if not np.isfinite(array).all():
             raise ExportError(f"{path}: the pixels hold NaN or infinite values")
-        if array.min() < 0 or array.max() > 1:
+        if unit_range and (array.min() < 0 or array.max() > 1):
             raise ExportError(
                 f"{path}: float pixels must be in [0, 1] (uint8 images are divided by 255), "
                 f"got [{array.min():.3g}, {array.max():.3g}]"
@@ -115,14 +115,17 @@ def _image_batch(images: np.ndarray, example_shape: list[int], where: str) -> np
         raise ExportError(f"{where}: the input holds NaN or infinite values")
     shape, example = list(images.shape), list(example_shape)
     one_channel = example[1:] if len(example) == 3 and example[0] == 1 else None
+    channel_axis = 1
+    if one_channel is None and len(example) == 3 and example[2] == 1:  # channels last (Keras)
+        one_channel, channel_axis = example[:2], -1
     if shape == example:
         return images[None]
     if one_channel is not None and shape == one_channel:
-        return images[None, None]  # (1, 1, H, W)
+        return np.expand_dims(images[None], channel_axis)  # (1, 1, H, W) or (1, H, W, 1)
     if len(shape) == len(example) + 1 and shape[1:] == example:
         return images
     if one_channel is not None and len(shape) == 3 and shape[1:] == one_channel:
-        return images[:, None]  # (N, 1, H, W)
+        return np.expand_dims(images, channel_axis)  # (N, 1, H, W) or (N, H, W, 1)
     accepted = [example, [None, *example]]
     if one_channel is not None:
         accepted[1:1] = [one_channel]
@@ -250,9 +253,15 @@ def predict(bundle_path: str | os.PathLike, request: PredictRequest) -> str:
 
 
 def _classify(bundle: Bundle, request: PredictRequest) -> str:
-    x = _image_batch(read_image(request.input), _example_shape(bundle), request.input)
+    info = bundle.manifest.get("info") if isinstance(bundle.manifest.get("info"), dict) else {}
+    # Our classifiers take pixels in [0, 1]; an imported model takes what it was trained on.
+    unit_range = info.get("source") != "keras"
+    x = _image_batch(read_image(request.input, unit_range), _example_shape(bundle), request.input)
     logits = _first_output(_run(bundle, x, _labels(bundle, request, len(x))))
-    probabilities = softmax(logits.astype(np.float64), axis=-1)  # (N, classes)
+    if info.get("outputs") == "probabilities":  # the model ends in a softmax (Keras models)
+        probabilities = logits.astype(np.float64)
+    else:
+        probabilities = softmax(logits.astype(np.float64), axis=-1)  # (N, classes)
     names = bundle.manifest.get("class_names") or [str(i) for i in range(logits.shape[-1])]
     if not isinstance(names, list) or len(names) != logits.shape[-1]:
         raise ExportError(

@@ -46,7 +46,16 @@ from torch import Tensor, nn
 
 from classicnets.nn.batchnorm import BatchNorm
 
-__all__ = ["KerasImportError", "KerasModel", "SUPPORTED_LAYERS", "load_keras", "read_keras"]
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "KerasImportError",
+    "KerasModel",
+    "build_keras_model",
+    "layer_list",
+    "load_keras",
+    "read_keras",
+    "weight_keys",
+]
 
 
 class KerasImportError(ValueError):
@@ -180,7 +189,10 @@ class _Tensor:
 
 class _Layer(nn.Module):
     """A converted layer: ``forward`` takes and returns tensors in the internal layout (rank-4
-    tensors NCHW, everything else as in Keras)."""
+    tensors NCHW, everything else as in Keras). ``rank`` is the rank of its (first) input, set
+    by the builder."""
+
+    rank: int = 2
 
     def out_rank(self, ranks: list[int]) -> int:
         return ranks[0]
@@ -194,12 +206,16 @@ def _internal_axis(axis: int, rank: int) -> int:
     return {0: 0, 1: 2, 2: 3, 3: 1}[axis]
 
 
-def _to_keras_layout(x: Tensor) -> Tensor:
-    return x.permute(0, 2, 3, 1) if x.ndim == 4 else x  # (N, C, H, W) -> (N, H, W, C)
+# Ranks are fixed when the model is built (``_Layer.rank``), never read from a tensor at run
+# time, so that the module traces (torch.fx) for export like any other.
 
 
-def _to_internal(x: Tensor) -> Tensor:
-    return x.permute(0, 3, 1, 2) if x.ndim == 4 else x  # (N, H, W, C) -> (N, C, H, W)
+def _to_keras_layout(x: Tensor, rank: int) -> Tensor:
+    return x.permute(0, 2, 3, 1) if rank == 4 else x  # (N, C, H, W) -> (N, H, W, C)
+
+
+def _to_internal(x: Tensor, rank: int) -> Tensor:
+    return x.permute(0, 3, 1, 2) if rank == 4 else x  # (N, H, W, C) -> (N, C, H, W)
 
 
 _ACTIVATIONS: dict[str, Callable[[Tensor, int], Tensor]] = {
@@ -230,7 +246,7 @@ class _Activation(_Layer):
         self.name = name
 
     def forward(self, x: Tensor) -> Tensor:
-        return _ACTIVATIONS[self.name](x, x.ndim)
+        return _ACTIVATIONS[self.name](x, self.rank)
 
 
 class _LeakyReLU(_Layer):
@@ -269,8 +285,8 @@ class _Dense(_Layer):
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _to_internal(self.linear(_to_keras_layout(x)))
-        return _ACTIVATIONS[self.activation](y, y.ndim)
+        y = _to_internal(self.linear(_to_keras_layout(x, self.rank)), self.rank)
+        return _ACTIVATIONS[self.activation](y, self.rank)
 
 
 def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -314,9 +330,9 @@ class _Conv2D(_Layer):
 
 
 class _Conv2DTranspose(_Layer):
-    """Keras's output size: ``n s`` ("same") or ``n s + max(k - s, 0)`` ("valid"); TensorFlow
+    """Keras's output size: ``n s`` ("same") or ``n s + max(k - s, 0)`` ("valid"). TensorFlow
     crops the full transposed convolution, ``(n - 1) s + k``, by the "same" padding of the
-    forward convolution it is the gradient of (the smaller half first)."""
+    forward convolution it is the gradient of, ``k - s`` in all, the smaller half first."""
 
     def __init__(self, kernel: np.ndarray, bias, config: dict, where: str) -> None:
         super().__init__()
@@ -336,25 +352,21 @@ class _Conv2DTranspose(_Layer):
                 self.conv.bias.copy_(torch.from_numpy(bias))
         self.activation = _activation(config.get("activation", "linear"), where)
 
+        # How much to cut from the full output (n - 1) s + k on each side, or to add at its end
+        # when Keras's output is longer (k < s): independent of n.
+        self.crops = []
+        for k, s in zip(self.kernel_size, self.strides):
+            total = k - s if self.padding == "same" else min(k - s, 0)
+            self.crops.append(
+                (max(total, 0) // 2, max(total, 0) - max(total, 0) // 2, max(-total, 0))
+            )
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)  # (N, C, (n - 1) s + k, ...)
-        crops = []
-        for axis in (0, 1):
-            n, k, s = x.shape[2 + axis], self.kernel_size[axis], self.strides[axis]
-            out = n * s if self.padding == "same" else n * s + max(k - s, 0)
-            total = (n - 1) * s + k - out  # < 0: Keras's output is longer (k < s)
-            crops.append((max(total, 0) // 2, out))
-        if any(
-            (n - 1) * s + k < out
-            for (_, out), n, k, s in zip(crops, x.shape[2:], self.kernel_size, self.strides)
-        ):
-            extra = [
-                out - ((n - 1) * s + k)
-                for (_, out), n, k, s in zip(crops, x.shape[2:], self.kernel_size, self.strides)
-            ]
-            y = F.pad(y, (0, max(extra[1], 0), 0, max(extra[0], 0)))
-        (top, height), (left, width) = crops
-        y = y[:, :, top : top + height, left : left + width]
+        (top, bottom, grow_h), (left, right, grow_w) = self.crops
+        if grow_h or grow_w:
+            y = F.pad(y, (0, grow_w, 0, grow_h))
+        y = y[:, :, top : (-bottom or None), left : (-right or None)]
         return _ACTIVATIONS[self.activation](y, 4)
 
 
@@ -396,7 +408,7 @@ class _BatchNorm(_Layer):
 
 class _Flatten(_Layer):
     def forward(self, x: Tensor) -> Tensor:
-        return _to_keras_layout(x).reshape(x.shape[0], -1)  # Keras's order: H, W, C
+        return _to_keras_layout(x, self.rank).reshape(x.shape[0], -1)  # Keras's order: H, W, C
 
     def out_rank(self, ranks):
         return 2
@@ -408,7 +420,8 @@ class _Reshape(_Layer):
         self.target = [int(t) for t in target]
 
     def forward(self, x: Tensor) -> Tensor:
-        return _to_internal(_to_keras_layout(x).reshape(x.shape[0], *self.target))
+        y = _to_keras_layout(x, self.rank).reshape(x.shape[0], *self.target)
+        return _to_internal(y, 1 + len(self.target))
 
     def out_rank(self, ranks):
         return 1 + len(self.target)
@@ -463,7 +476,8 @@ class _UpSampling2D(_Layer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.repeat_interleave(self.size[0], dim=2).repeat_interleave(self.size[1], dim=3)
+        # Nearest neighbour at an integer factor: each pixel repeated size times (Keras's rule).
+        return F.interpolate(x, scale_factor=self.size, mode="nearest")
 
 
 class _ZeroPadding2D(_Layer):
@@ -492,7 +506,7 @@ class _Concatenate(_Layer):
         self.axis = axis
 
     def forward(self, *xs: Tensor) -> Tensor:
-        return torch.cat(xs, dim=_internal_axis(self.axis, xs[0].ndim))
+        return torch.cat(xs, dim=_internal_axis(self.axis, self.rank))
 
 
 class _Embedding(_Layer):
@@ -657,28 +671,35 @@ class KerasModel(nn.Module):
     Args:
         nodes: ``(layer name, module, input names)`` in an order where inputs come first.
         inputs: the names of the model's inputs; outputs: of its outputs.
-        input_ranks: the rank of each input, batch axis included.
+        input_ranks, output_ranks: the rank of each input and output, batch axis included.
         channels_first: images in and out as NCHW (else NHWC, as in Keras).
     """
 
-    def __init__(self, nodes, inputs, outputs, input_ranks, channels_first: bool, source: dict):
+    def __init__(
+        self, nodes, inputs, outputs, input_ranks, output_ranks, channels_first: bool, source: dict
+    ):
         super().__init__()
         self.layers = nn.ModuleDict({name: module for name, module, _ in nodes})
         self.wiring = [(name, list(args)) for name, _, args in nodes]
         self.input_names, self.output_names = list(inputs), list(outputs)
         self.input_ranks = list(input_ranks)
+        self.output_ranks = list(output_ranks)
         self.channels_first = channels_first
         self.source = source  # the Keras config, kept for model folders
 
-    def forward(self, *inputs: Tensor):
+    def forward(self, x: Tensor, extra_inputs: tuple = ()):
+        """The model on ``x`` (a model with several inputs: ``model(x1, (x2, ...))``)."""
+        inputs = (x, *extra_inputs)
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"the model takes {len(self.input_names)} inputs, got {len(inputs)}")
         values: dict[str, Tensor] = {}
-        for name, x in zip(self.input_names, inputs):
-            values[name] = x if self.channels_first else _to_internal(x)
+        for name, x, rank in zip(self.input_names, inputs, self.input_ranks):
+            values[name] = x if self.channels_first else _to_internal(x, rank)
         for name, args in self.wiring:
             values[name] = self.layers[name](*[values[a] for a in args])
         outputs = [
-            values[n] if self.channels_first else _to_keras_layout(values[n])
-            for n in self.output_names
+            values[n] if self.channels_first else _to_keras_layout(values[n], rank)
+            for n, rank in zip(self.output_names, self.output_ranks)
         ]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -721,7 +742,7 @@ def _input_rank(layer: dict) -> int:
     return len(shape)
 
 
-def _layer_list(
+def layer_list(
     config: dict, where: str
 ) -> tuple[list[tuple[dict, list[str]]], list[str], list[str]]:
     """``[(layer, inbound names)]``, input names, output names, for Sequential and Functional."""
@@ -772,7 +793,7 @@ def _layer_list(
     )
 
 
-def _weight_keys(layers: list[tuple[dict, list[str]]], fmt: str) -> dict[str, str]:
+def weight_keys(layers: list[tuple[dict, list[str]]], fmt: str) -> dict[str, str]:
     """Layer name -> key of its weights in the file: the name itself in .h5 files; in .keras
     archives, Keras's automatic name for the class, counted per class in model order."""
     if fmt == "h5":
@@ -798,8 +819,8 @@ def load_keras(path: str | Path, channels_first: bool = False) -> KerasModel:
             ``[N, H, W, C]``).
 
     Returns:
-        A ``KerasModel``: called with the model's inputs (several for a multi-input model), it
-        returns its output (a tuple for several).
+        A ``KerasModel``: ``model(x)`` (several inputs: ``model(x1, (x2, ...))``) returns the
+        output (a tuple for several).
 
     Raises:
         KerasImportError: an unreadable file, or a layer, activation or option that cannot be
@@ -815,8 +836,8 @@ def build_keras_model(
     config: dict, weights: dict[str, list[np.ndarray]], fmt: str, channels_first: bool, where: str
 ) -> KerasModel:
     """The module of a Keras config and its weights (``read_keras``'s parts)."""
-    layers, inputs, outputs = _layer_list(config, where)
-    keys = _weight_keys(layers, fmt)
+    layers, inputs, outputs = layer_list(config, where)
+    keys = weight_keys(layers, fmt)
     ranks: dict[str, int] = {}
     nodes = []
     input_ranks = []
@@ -838,11 +859,16 @@ def build_keras_model(
         arrays = [np.asarray(a, dtype=np.float32) for a in weights.get(keys.get(name, name), [])]
         in_ranks = [ranks[a] for a in args]
         module = CONVERTERS[kind](c, arrays, in_ranks, label)
+        module.rank = in_ranks[0]
         ranks[name] = module.out_rank(in_ranks)
         nodes.append((name, module, args))
     for name in inputs:
         if name not in ranks:
             raise KerasImportError(f"{where}: input {name!r} is not an InputLayer")
     input_ranks = [ranks[n] for n in inputs]
-    model = KerasModel(nodes, inputs, outputs, input_ranks, channels_first, config)
+    for name in outputs:
+        if name not in ranks:
+            raise KerasImportError(f"{where}: output {name!r} is not a layer of the model")
+    output_ranks = [ranks[n] for n in outputs]
+    model = KerasModel(nodes, inputs, outputs, input_ranks, output_ranks, channels_first, config)
     return model.eval()

@@ -121,9 +121,9 @@ def hold_run(path: str | os.PathLike) -> Iterator[Path]:
         raise RunError(f"{path} is a file, not a run folder")
     if not path.is_dir():
         raise RunError(f"run folder {path} does not exist")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "model.json").is_file():
         raise RunError(f"{path} is not a run folder: {path / 'config.json'} is missing")
-    with hold_folder(path):
+    with hold_folder(path):  # a run folder, or a model folder (classicnets import-keras)
         yield path
 
 
