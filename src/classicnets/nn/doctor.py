@@ -21,8 +21,9 @@ that come from other data. ``bn_report`` measures each BN layer against what pre
 The thresholds leave room for what an exponential average of a network still training does:
 with PyTorch's momentum 0.1 the running mean averages about 19 recent batches while the weights
 move, and on the 100 channels of a bn-mlp layer its largest error reaches about a quarter of
-the spread (0.23 after the quick run's 300 steps at learning rate 2). Statistics of other data or
-never updated are off by more than the spread, or by factors in the variance.
+the spread (0.23 after the quick run's 300 steps at learning rate 2, 0.10 after the full 50,000).
+Statistics of other data or never updated are off by more than the spread, or by factors in the
+variance (docs/batchnorm.md has the figures of a real run).
 """
 
 from __future__ import annotations
