@@ -132,3 +132,27 @@ def test_bn_check_is_quiet_on_a_trained_run_and_flags_other_data(
         assert layer["flags"] == [] and layer["mean_rel_error"] < AFTER_RECALIBRATION
         assert layer["var_rel_error"] < AFTER_RECALIBRATION
     assert main(["resume", str(work)]) == 0  # the recalibrated checkpoint is a valid one
+
+
+def test_bn_check_flags_never_updated_statistics_of_a_run(bn_run, tmp_path, capsys):
+    """The newest checkpoint rewritten with BN buffers at their initial values (the UPDATE_OPS
+    trap): every layer is flagged, and recalibrating on the training data clears them."""
+    import shutil
+
+    from classicnets.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+    work = tmp_path / "run"
+    shutil.copytree(bn_run, work)
+    _, newest = list_checkpoints(work / "checkpoints", "bn")[-1]
+    tensors, state = load_checkpoint(newest)
+    for key in list(tensors):
+        if key.endswith("running_mean"):
+            tensors[key] = torch.zeros_like(tensors[key])
+        elif key.endswith("running_var"):
+            tensors[key] = torch.ones_like(tensors[key])
+    save_checkpoint(newest.parent, newest.stem, tensors, state)
+    report = _check([work], capsys)
+    assert all("never_updated" in layer["flags"] for layer in report["layers"])
+    assert main(["recalibrate", str(work)]) == 0
+    for layer in _check([work], capsys)["layers"]:
+        assert layer["flags"] == [] and layer["mean_rel_error"] < AFTER_RECALIBRATION

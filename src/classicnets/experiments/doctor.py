@@ -38,7 +38,7 @@ def read_inputs(path: str | Path, example_shape: list[int] | None = None) -> np.
         raise ExperimentError(f"--inputs {path}: not a numeric .npy array ({exc})") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.size == 0:
         raise ExperimentError(f"--inputs {path}: expected a non-empty numeric array")
-    array = array.astype(np.float32) if array.dtype.kind != "f" else array.astype(np.float32)
+    array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise ExperimentError(f"--inputs {path}: holds NaN or infinite values")
     if example_shape is not None and list(array.shape[1:]) != list(example_shape):
