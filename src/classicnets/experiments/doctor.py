@@ -35,7 +35,11 @@ def read_inputs(path: str | Path, example_shape: list[int] | None = None) -> np.
     except FileNotFoundError:
         raise ExperimentError(f"--inputs {path}: no such file") from None
     except (ValueError, OSError, EOFError) as exc:
-        raise ExperimentError(f"--inputs {path}: not a numeric .npy array ({exc})") from None
+        # np.load's own message about pickles advises loading unsafely: say what we do instead.
+        why = "pickled or not a .npy file" if "pickle" in str(exc).lower() else str(exc)
+        raise ExperimentError(
+            f"--inputs {path}: not a numeric .npy array ({why}; read with allow_pickle=False)"
+        ) from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.size == 0:
         raise ExperimentError(f"--inputs {path}: expected a non-empty numeric array")
     array = array.astype(np.float32)
