@@ -29,7 +29,7 @@ from classicnets.export.graph import (
 )
 from classicnets.export.numpy_bundle import ExportError
 from classicnets.nn.batchnorm import BatchNorm
-from classicnets.nn.layers import Upsample
+from classicnets.nn.upsample import Upsample
 
 
 def _identity(cx, node, *args, **kwargs):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from classicnets.models.registry import register_model
 from classicnets.models.resnet import NormLayer, resolve_norm
 from classicnets.nn import BatchNorm, ConvTranspose2dExact, Upsample
-from classicnets.nn.layers import conv_output_size
+from classicnets.nn.conv_shapes import conv_output_size
 
 __all__ = ["UPSAMPLING", "ConvAutoencoder"]
 

@@ -12,7 +12,9 @@ from classicnets.nn.batchnorm import (
     iter_bn_buffers,
     recalibrate_bn,
 )
-from classicnets.nn.layers import ConvTranspose2dExact, Dense, Upsample
+from classicnets.nn.conv_shapes import ConvTranspose2dExact
+from classicnets.nn.dense import Dense
+from classicnets.nn.upsample import Upsample
 
 __all__ = [
     "BNFreeze",

@@ -1,4 +1,4 @@
-"""``classicnets.nn.layers.Dense`` against references we did not write.
+"""``classicnets.nn.dense.Dense`` against references we did not write.
 
 References: float64 NumPy/SciPy for the forward pass and the activations, ``torch.nn.Linear`` for
 the ``state_dict`` layout and the default initialization (bit for bit under the same seed),
@@ -33,8 +33,7 @@ from scipy.special import erf
 from scipy.stats import truncnorm
 from torch import nn
 
-from classicnets.nn import layers
-from classicnets.nn.layers import (
+from classicnets.nn.dense import (
     ACTIVATIONS,
     INITIALIZERS,
     TRUNCATED_NORMAL_STD,
@@ -353,6 +352,11 @@ def test_other_errors():
         Dense(5, 3)
 
 
-def test_docstring_examples():
-    result = doctest.testmod(layers, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", ["dense", "conv_shapes", "upsample"])
+def test_docstring_examples(module):
+    import importlib
+
+    result = doctest.testmod(
+        importlib.import_module(f"classicnets.nn.{module}"), optionflags=doctest.ELLIPSIS
+    )
     assert result.attempted > 0 and result.failed == 0

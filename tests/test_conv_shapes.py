@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classicnets.nn import BatchNorm, ConvTranspose2dExact, Upsample, fold_bn
-from classicnets.nn.layers import (
+from classicnets.nn.conv_shapes import (
     conv_output_size,
     conv_transpose_output_size,
     conv_transpose_padding,
