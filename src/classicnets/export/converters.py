@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classicnets.export.graph import (
+from classicnets.export.ir import (
     Const,
     Static,
     Value,
-    _dynamic,
-    _unwrap_static,
+    dynamic_axes,
     register_function,
     register_method,
     register_module,
+    unwrap_static,
 )
 from classicnets.export.numpy_bundle import ExportError
 from classicnets.nn.batchnorm import BatchNorm
@@ -201,7 +201,7 @@ def _leaky_relu_module(cx, node, m, x):
 @register_function(F.leaky_relu)
 def _leaky_relu_function(cx, node, x, negative_slope=0.01, inplace=False):
     return cx.emit(
-        node, "leaky_relu", [x], {"negative_slope": float(_unwrap_static(negative_slope))}
+        node, "leaky_relu", [x], {"negative_slope": float(unwrap_static(negative_slope))}
     )
 
 
@@ -212,18 +212,18 @@ def _elu_module(cx, node, m, x):
 
 @register_function(F.elu)
 def _elu_function(cx, node, x, alpha=1.0, inplace=False):
-    return cx.emit(node, "elu", [x], {"alpha": float(_unwrap_static(alpha))})
+    return cx.emit(node, "elu", [x], {"alpha": float(unwrap_static(alpha))})
 
 
 @register_function(F.pad)
 def _pad_function(cx, node, x, pad, mode="constant", value=None):
     """Constant padding of the last axes: ``pad`` is (last_before, last_after, ...) as in
     ``F.pad``; the bundle stores it as one ``[before, after]`` pair per axis from the last."""
-    mode = _unwrap_static(mode)
+    mode = unwrap_static(mode)
     if mode != "constant":
         raise ExportError(f"{node.name}: F.pad mode {mode!r} has no NumPy op (constant only)")
-    pads = [int(p) for p in _unwrap_static(pad)]
-    fill = _unwrap_static(value)
+    pads = [int(p) for p in unwrap_static(pad)]
+    fill = unwrap_static(value)
     return cx.emit(
         node, "pad", [x], {"pads": [pads[i : i + 2] for i in range(0, len(pads), 2)],
                            "value": 0.0 if fill is None else float(fill)},
@@ -237,7 +237,7 @@ def _gelu_module(cx, node, m, x):
 
 @register_function(F.gelu)
 def _gelu_function(cx, node, x, approximate="none"):
-    return cx.emit(node, "gelu", [x], {"approximate": _unwrap_static(approximate)})
+    return cx.emit(node, "gelu", [x], {"approximate": unwrap_static(approximate)})
 
 
 @register_module(nn.Softplus)
@@ -248,7 +248,7 @@ def _softplus_module(cx, node, m, x):
 
 @register_function(F.softplus)
 def _softplus_function(cx, node, x, beta=1.0, threshold=20.0):
-    attrs = {"beta": float(_unwrap_static(beta)), "threshold": float(_unwrap_static(threshold))}
+    attrs = {"beta": float(unwrap_static(beta)), "threshold": float(unwrap_static(threshold))}
     return cx.emit(node, "softplus", [x], attrs)
 
 
@@ -261,7 +261,7 @@ def _softmax_like(op: str):
             x = args[0]
             if dim is None and len(args) > 1:
                 dim = args[1]
-        dim = _unwrap_static(dim)
+        dim = unwrap_static(dim)
         if dim is None:
             raise ExportError(f"{node.name}: {op} needs an explicit dim")
         return cx.emit(node, op, [x], {"axis": cx.axis(x, dim)})
@@ -281,7 +281,7 @@ register_method("log_softmax")(_softmax_like("log_softmax"))
 
 
 def _pair(v) -> list[int]:
-    v = _unwrap_static(v)
+    v = unwrap_static(v)
     return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
 
 
@@ -293,15 +293,15 @@ def _max_pool_module(cx, node, m, x):
 @register_function(F.max_pool2d)
 def _max_pool(cx, node, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
               return_indices=False):  # fmt: skip
-    if _unwrap_static(return_indices):
+    if unwrap_static(return_indices):
         raise ExportError(f"{node.name}: max_pool2d(return_indices=True) is not supported")
-    stride = _unwrap_static(stride)
+    stride = unwrap_static(stride)
     attrs = {
         "kernel_size": _pair(kernel_size),
         "stride": _pair(stride) if stride not in (None, [], ()) else _pair(kernel_size),
         "padding": _pair(padding),
         "dilation": _pair(dilation),
-        "ceil_mode": bool(_unwrap_static(ceil_mode)),
+        "ceil_mode": bool(unwrap_static(ceil_mode)),
     }
     return cx.emit(node, "max_pool2d", [x], attrs)
 
@@ -317,15 +317,15 @@ def _avg_pool_module(cx, node, m, x):
 @register_function(F.avg_pool2d)
 def _avg_pool(cx, node, x, kernel_size, stride=None, padding=0, ceil_mode=False,
               count_include_pad=True, divisor_override=None):  # fmt: skip
-    if _unwrap_static(divisor_override) is not None:
+    if unwrap_static(divisor_override) is not None:
         raise ExportError(f"{node.name}: avg_pool2d(divisor_override=...) is not supported")
-    stride = _unwrap_static(stride)
+    stride = unwrap_static(stride)
     attrs = {
         "kernel_size": _pair(kernel_size),
         "stride": _pair(stride) if stride not in (None, [], ()) else _pair(kernel_size),
         "padding": _pair(padding),
-        "ceil_mode": bool(_unwrap_static(ceil_mode)),
-        "count_include_pad": bool(_unwrap_static(count_include_pad)),
+        "ceil_mode": bool(unwrap_static(ceil_mode)),
+        "count_include_pad": bool(unwrap_static(count_include_pad)),
     }
     return cx.emit(node, "avg_pool2d", [x], attrs)
 
@@ -355,19 +355,19 @@ def _resample(cx, node, x, mode: str, align_corners, scale_factor):
     if mode == "nearest":
         # PyTorch maps output index i to floor(i / scale); with a given scale_factor that is the
         # same as floor(i * H / H_out) (what the runtime uses) when the factor is exact.
-        factors = _unwrap_static(scale_factor)
+        factors = unwrap_static(scale_factor)
         if factors is not None:
             factors = [factors] * 2 if isinstance(factors, (int, float)) else list(factors)
             if any(abs(o - i * f) > 1e-9 for o, i, f in zip(size, (h, w), factors)):
                 raise ExportError(f"{node.name}: nearest resize with a non-exact scale factor")
         return cx.emit(node, "upsample_nearest2d", [x], {"size": size})
     if mode == "bilinear":
-        if _unwrap_static(scale_factor) is not None and not _unwrap_static(align_corners):
-            factors = _unwrap_static(scale_factor)
+        if unwrap_static(scale_factor) is not None and not unwrap_static(align_corners):
+            factors = unwrap_static(scale_factor)
             factors = [factors] * 2 if isinstance(factors, (int, float)) else list(factors)
             if any(abs(o - i * f) > 1e-9 for o, i, f in zip(size, (h, w), factors)):
                 raise ExportError(f"{node.name}: bilinear resize with a non-exact scale factor")
-        attrs = {"size": size, "align_corners": bool(_unwrap_static(align_corners))}
+        attrs = {"size": size, "align_corners": bool(unwrap_static(align_corners))}
         return cx.emit(node, "upsample_bilinear2d", [x], attrs)
     raise ExportError(f"{node.name}: interpolation mode {mode!r} is not supported")
 
@@ -380,9 +380,9 @@ def _upsample_module(cx, node, m, x):
 @register_function(F.interpolate)
 def _interpolate(cx, node, x, size=None, scale_factor=None, mode="nearest", align_corners=None,
                  recompute_scale_factor=None, antialias=False):  # fmt: skip
-    if _unwrap_static(antialias):
+    if unwrap_static(antialias):
         raise ExportError(f"{node.name}: interpolate(antialias=True) is not supported")
-    return _resample(cx, node, x, _unwrap_static(mode), align_corners, scale_factor)
+    return _resample(cx, node, x, unwrap_static(mode), align_corners, scale_factor)
 
 
 # --- shapes
@@ -394,7 +394,7 @@ def _reshape(cx, node, *args, **kwargs):
     shapes = cx.shapes(node)
     if shapes == x.shapes:
         return x  # no change of shape (e.g. flatten of a [N, F] tensor)
-    shape = _dynamic(shapes, node.name)
+    shape = dynamic_axes(shapes, node.name)
     return cx.emit(node, "reshape", [x], {"shape": shape})
 
 
@@ -408,7 +408,7 @@ register_method("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as",
 def _transpose(cx, node, x, *dims, **kwargs):
     rank = x.ndim
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    dims = [_unwrap_static(d) for d in dims] + [_unwrap_static(v) for v in kwargs.values()]
+    dims = [unwrap_static(d) for d in dims] + [unwrap_static(v) for v in kwargs.values()]
     if name in ("permute",):
         perm = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
         perm = [d % rank for d in perm]
@@ -429,12 +429,12 @@ register_function(torch.permute, torch.transpose, torch.swapaxes, torch.t)(_tran
 
 def _reduce(op: str):
     def convert(cx, node, x, dim=None, keepdim=False, *, dtype=None, axis=None):
-        dim = _unwrap_static(dim if dim is not None else axis)
+        dim = unwrap_static(dim if dim is not None else axis)
         if dim is None:
             axes = None
         else:
             axes = [d % x.ndim for d in ([dim] if isinstance(dim, int) else dim)]
-        attrs = {"axes": axes, "keepdims": bool(_unwrap_static(keepdim))}
+        attrs = {"axes": axes, "keepdims": bool(unwrap_static(keepdim))}
         return cx.emit(node, op, [x], attrs)
 
     return convert
@@ -449,13 +449,13 @@ register_function(torch.sum)(_reduce("sum"))
 @register_function(torch.cat, torch.concat)
 def _cat(cx, node, tensors, dim=0, *, axis=None):
     values = [cx.value(node, t) for t in tensors]
-    dim = _unwrap_static(axis if axis is not None else dim)
+    dim = unwrap_static(axis if axis is not None else dim)
     return cx.emit(node, "concat", values, {"axis": dim % values[0].ndim})
 
 
 @register_function(operator.getitem)
 def _getitem(cx, node, value, index):
-    index = _unwrap_static(index)
+    index = unwrap_static(index)
     if isinstance(value, (tuple, list)):
         return value[index]  # an element of a module's tuple output, e.g. LSTM's (out, (h, c))
     if isinstance(value, Static):
@@ -495,7 +495,7 @@ def _sliced_shapes(x: Value, axis: int, item: slice) -> tuple:
 def _split(cx, node, x, split_size_or_sections, dim=0):
     """chunk / split: a tuple of slices along ``dim``."""
     results = cx.result(node)
-    dim = _unwrap_static(dim) % x.ndim
+    dim = unwrap_static(dim) % x.ndim
     outs, start = [], 0
     for i, piece in enumerate(results):
         stop = start + piece.shape[dim]
@@ -549,9 +549,9 @@ register_method("float", "long", "to", "type", "type_as", "double", "int", "bool
 
 def _binary(op: str):
     def convert(cx, node, a, b, *, alpha=None, out=None, rounding_mode=None):
-        if _unwrap_static(alpha) not in (None, 1):
+        if unwrap_static(alpha) not in (None, 1):
             raise ExportError(f"{node.name}: {op}(alpha=...) is not supported")
-        if _unwrap_static(rounding_mode) is not None:
+        if unwrap_static(rounding_mode) is not None:
             raise ExportError(f"{node.name}: div(rounding_mode=...) is not supported")
         scalar_a = not isinstance(a, (Value, Const))
         scalar_b = not isinstance(b, (Value, Const))
@@ -578,7 +578,7 @@ for _op, _fns, _methods in (
 
 @register_function(torch.clamp, torch.clip)
 def _clamp(cx, node, x, min=None, max=None):
-    lo, hi = _unwrap_static(min), _unwrap_static(max)
+    lo, hi = unwrap_static(min), unwrap_static(max)
     attrs = {"min": lo, "max": hi}  # None: unbounded on that side
     return cx.emit(node, "clamp", [x], attrs)
 
@@ -590,7 +590,7 @@ register_method("clamp", "clip")(_clamp)
 def _full_like(cx, node, x, *args, **kwargs):
     fill = {torch.zeros_like: 0.0, torch.ones_like: 1.0}.get(node.target)
     if fill is None:
-        fill = _unwrap_static(args[0] if args else kwargs["fill_value"])
+        fill = unwrap_static(args[0] if args else kwargs["fill_value"])
     dtype = cx.result(node).dtype
     if dtype not in _CAST_NAMES:
         raise ExportError(f"{node.name}: {dtype} tensors are not supported")

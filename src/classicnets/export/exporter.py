@@ -37,6 +37,7 @@ __all__ = [
     "CHECK_BATCH_SIZES",
     "TOLERANCE",
     "ExportReport",
+    "check_parity",
     "compare_outputs",
     "example_inputs",
     "export_numpy",
@@ -234,7 +235,9 @@ def within_tolerance(error: float, scale: float, tolerance: float = TOLERANCE) -
     return error <= tolerance * max(scale, 1.0)
 
 
-def _check(tolerance, error, scale, what: str) -> None:
+def check_parity(tolerance, error, scale, what: str) -> None:
+    """Raise ``ExportError`` (nothing written) unless ``error`` is within ``tolerance`` of
+    ``scale``."""
     if not within_tolerance(error, scale, tolerance):
         raise ExportError(
             f"{what} differs from PyTorch: max |error| {error:.3g} is more than {tolerance:g} "
@@ -319,7 +322,7 @@ def export_numpy(
             reference = model(*inputs)
         e, s = compare_outputs(reference, run_bundle(bundle, _to_numpy_inputs(inputs)))
         error, scale = max(error, e), max(scale, s)
-    _check(tolerance, error, scale, "the NumPy runtime")
+    check_parity(tolerance, error, scale, "the NumPy runtime")
     manifest["check"] = {
         "max_abs_error": error,
         "output_scale": scale,

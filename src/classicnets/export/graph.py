@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,22 @@ import torch
 import torch.fx
 from torch import nn
 
+# The converters register themselves on import (their own module: one place to read and extend
+# the op coverage); they and this module share the values and the registry of ``ir``.
+from classicnets.export import converters as _converters  # noqa: F401
+from classicnets.export.ir import (
+    FUNCTIONS,
+    METHODS,
+    Const,
+    ExportGraph,
+    Static,
+    Value,
+    module_converter,
+    register_function,
+    register_method,
+    register_module,
+    varying_axes,
+)
 from classicnets.export.numpy_bundle import ExportError
 from classicnets.nn.batchnorm import is_batchnorm
 
@@ -47,142 +62,6 @@ __all__ = [
 ]
 
 BATCH_A, BATCH_B = 2, 3  # two batch sizes: the axes whose size differs are the batch axes
-
-
-# --------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True)
-class Value:
-    """A tensor computed at run time: its name in the bundle, its shape in every trace (batch
-    2, batch 3 and, for sequence models, a longer sequence) and its dtype."""
-
-    name: str
-    shapes: tuple[tuple[int, ...], ...]
-    dtype: torch.dtype
-
-    @property
-    def shape_a(self) -> tuple[int, ...]:
-        """The shape in the first trace (batch size ``BATCH_A``)."""
-        return self.shapes[0]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape_a)
-
-
-@dataclass(frozen=True)
-class Const:
-    """A tensor that does not depend on the inputs (a parameter, a buffer, or made from them)."""
-
-    tensor: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Static:
-    """A Python value (int, tuple, None, dtype, ...): ``a`` in the first trace, ``values`` in
-    every trace."""
-
-    values: tuple
-
-    @property
-    def a(self) -> Any:
-        return self.values[0]
-
-    @property
-    def varies(self) -> bool:
-        return any(v != self.values[0] for v in self.values[1:])
-
-
-def _varying_axes(shapes) -> list[int]:
-    """Axes whose size differs between the traces: the batch axis (and the sequence axis)."""
-    first = shapes[0]
-    return [i for i in range(len(first)) if any(s[i] != first[i] for s in shapes[1:])]
-
-
-def _dynamic(shapes, what: str) -> list[int]:
-    """The shape of the first trace with -1 on the one axis whose size follows the inputs."""
-    shape = list(shapes[0])
-    varying = _varying_axes(shapes)
-    if len(varying) > 1:
-        raise ExportError(
-            f"{what}: more than one axis follows the input sizes ({[list(s) for s in shapes]} "
-            f"over the traces); a reshape cannot express it"
-        )
-    for i in varying:
-        shape[i] = -1
-    return shape
-
-
-@dataclass
-class ExportGraph:
-    """The converted model: manifest-ready layer dicts and the tensors they name.
-
-    Attributes:
-        inputs: one dict per graph input: ``name``, ``shape`` (None on the batch axis),
-            ``dtype``.
-        input_structure: the inputs as the model's ``forward`` takes them (nested lists of
-            names, e.g. ``["tokens", ["hidden.0", "hidden.1"]]``).
-        outputs: the outputs as ``forward`` returns them (a name or nested lists of names).
-        layers: ``{"name", "op", "inputs", "outputs", "attrs", "tensors"}`` in execution order.
-        tensors: key -> float32 (or int64) array.
-    """
-
-    inputs: list[dict[str, Any]]
-    input_structure: list
-    outputs: Any
-    layers: list[dict[str, Any]]
-    tensors: dict[str, np.ndarray]
-
-
-# --------------------------------------------------------------------------- converter registry
-
-Converter = Callable[..., Any]
-_MODULES: dict[type, Converter] = {}
-_FUNCTIONS: dict[Any, Converter] = {}
-_METHODS: dict[str, Converter] = {}
-
-
-def register_module(*types: type) -> Callable[[Converter], Converter]:
-    """Register ``fn(cx, node, module, *args, **kwargs)`` for modules of ``types`` (and
-    subclasses, unless a subclass has its own converter)."""
-
-    def wrap(fn: Converter) -> Converter:
-        for t in types:
-            _MODULES[t] = fn
-        return fn
-
-    return wrap
-
-
-def register_function(*targets: Any) -> Callable[[Converter], Converter]:
-    """Register ``fn(cx, node, *args, **kwargs)`` for functions such as ``torch.cat``."""
-
-    def wrap(fn: Converter) -> Converter:
-        for t in targets:
-            _FUNCTIONS[t] = fn
-        return fn
-
-    return wrap
-
-
-def register_method(*names: str) -> Callable[[Converter], Converter]:
-    """Register ``fn(cx, node, self, *args, **kwargs)`` for tensor methods such as ``view``."""
-
-    def wrap(fn: Converter) -> Converter:
-        for n in names:
-            _METHODS[n] = fn
-        return fn
-
-    return wrap
-
-
-def module_converter(module: nn.Module) -> Converter | None:
-    """The converter for ``module``'s type, looked up along its class hierarchy."""
-    for cls in type(module).__mro__:
-        if cls in _MODULES:
-            return _MODULES[cls]
-    return None
 
 
 class _ShadowProxy(torch.fx.Proxy):
@@ -477,15 +356,6 @@ def _jsonable(value):
     return value
 
 
-def _unwrap_static(value):
-    """Static -> its value (run A) for converters that only need e.g. an axis or a scalar."""
-    if isinstance(value, Static):
-        return value.a
-    if isinstance(value, (tuple, list)) and not any(isinstance(v, Value) for v in value):
-        return type(value)(_unwrap_static(v) for v in value)
-    return value
-
-
 # --------------------------------------------------------------------------- tracing
 
 
@@ -517,7 +387,7 @@ def _convert_node(cx: Context, node: torch.fx.Node, env: dict) -> Any:
     if node.op == "call_function":
         if _is_tuple_class(node.target):  # a NamedTuple of outputs
             return tuple(args)
-        fn = _FUNCTIONS.get(node.target)
+        fn = FUNCTIONS.get(node.target)
         if fn is None:
             name = getattr(node.target, "__name__", repr(node.target))
             raise ExportError(
@@ -526,7 +396,7 @@ def _convert_node(cx: Context, node: torch.fx.Node, env: dict) -> Any:
             )
         return fn(cx, node, *args, **kwargs)
     if node.op == "call_method":
-        fn = _METHODS.get(node.target)
+        fn = METHODS.get(node.target)
         if fn is None:
             raise ExportError(
                 f"no converter for tensor method {node.target!r} (node {node.name}); register "
@@ -608,7 +478,7 @@ def trace_layers(
         env[node] = value
         input_structure.append(_structure(value))
         for v in _flatten_values(value):
-            varying = _varying_axes(v.shapes)
+            varying = varying_axes(v.shapes)
             shape = [None if k in varying else n for k, n in enumerate(v.shape_a)]
             dtype = _DTYPE_NAMES.get(v.dtype, str(v.dtype).removeprefix("torch."))
             input_specs.append({"name": v.name, "shape": shape, "dtype": dtype})
@@ -654,8 +524,3 @@ def _flatten_values(value) -> list[Value]:
     if isinstance(value, (tuple, list)):
         return [v for item in value for v in _flatten_values(item)]
     return []
-
-
-# The converters register themselves on import (kept in their own module: one place to read and
-# extend the op coverage).
-from classicnets.export import converters as _converters  # noqa: E402, F401

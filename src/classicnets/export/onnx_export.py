@@ -32,7 +32,7 @@ from classicnets.export.exporter import (
     CHECK_BATCH_SIZES,
     TOLERANCE,
     ExportReport,
-    _check,
+    check_parity,
     compare_outputs,
     example_inputs,
     flatten_outputs,
@@ -209,7 +209,7 @@ def export_onnx(
             data = _export_bytes(model, inputs_a, in_names, out_names, dynamic, opset, name)
             data = _with_metadata(data, record)
             error, scale = _check_with_onnxruntime(data, model, info, in_names, batch_sizes)
-            _check(tolerance, error, scale, f"onnxruntime ({name} exporter)")
+            check_parity(tolerance, error, scale, f"onnxruntime ({name} exporter)")
         except Exception as exc:  # export errors, onnxruntime errors, failed checks
             failures.append(f"{name} exporter: {str(exc).splitlines()[0][:300]}")
             continue
