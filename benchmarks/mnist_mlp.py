@@ -28,8 +28,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from classicnets.data.batching import ShuffledBatches
 from classicnets.experiments.bn_mlp import BNMLPConfig, build_model
 from classicnets.experiments.common import load_image_data, resolve_device
-from classicnets.train.classifier import TrainSettings, make_optimizer, train_classifier
+from classicnets.train.classifier import train_classifier
 from classicnets.train.params import param_groups
+from classicnets.train.settings import TrainSettings, make_optimizer
 
 
 def baseline_loop(model, train_x_cpu, train_y_cpu, steps, lr, device) -> float:

@@ -25,8 +25,9 @@ from classicnets.train.autoencoder import (
     train_autoencoder,
 )
 from classicnets.train.checkpoint import list_checkpoints
-from classicnets.train.classifier import NonFiniteLossError, TrainSettings
+from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.run import RunDir
+from classicnets.train.settings import TrainSettings
 
 PNG = b"\x89PNG\r\n\x1a\n"
 VARIANTS = ("transpose", "nearest", "unpool")

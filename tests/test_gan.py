@@ -21,7 +21,6 @@ from classicnets.experiments import resume_experiment, run_experiment
 from classicnets.experiments.common import load_trained_models
 from classicnets.models.gan import GAN
 from classicnets.train.checkpoint import list_checkpoints, load_checkpoint
-from classicnets.train.classifier import NonFiniteLossError
 from classicnets.train.faults import StopRequested
 from classicnets.train.gan import (
     GANMonitor,
@@ -45,6 +44,7 @@ from classicnets.train.gan import (
     save_grid,
     train_gan,
 )
+from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.run import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"

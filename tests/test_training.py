@@ -12,17 +12,13 @@ from torch import nn
 
 from classicnets.models import MLP
 from classicnets.train.checkpoint import list_checkpoints, load_checkpoint
-from classicnets.train.classifier import (
-    ClassificationData,
-    NonFiniteLossError,
-    TrainSettings,
-    make_optimizer,
-    train_classifier,
-)
+from classicnets.train.classifier import train_classifier
 from classicnets.train.faults import SignalGuard, StopRequested
+from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.params import param_groups, select_parameters
 from classicnets.train.precision import Precision
 from classicnets.train.run import RunDir
+from classicnets.train.settings import ClassificationData, TrainSettings, make_optimizer
 from classicnets.train.state import TrainState
 
 

@@ -357,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.command == "predict":  # its errors come from NumPy code; torch may be absent
             raise
-        from classicnets.train.classifier import NonFiniteLossError
         from classicnets.train.faults import StopRequested
+        from classicnets.train.loop import NonFiniteLossError
 
         if isinstance(exc, StopRequested):
             resume = f"; continue with: classicnets resume {_run_dir_of(args, exc)}"

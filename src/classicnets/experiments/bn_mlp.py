@@ -26,11 +26,9 @@ from classicnets.experiments.common import (
     train_settings,
 )
 from classicnets.models.mlp import MLP
-from classicnets.train.classifier import (
-    set_deterministic,
-    train_classifier,
-)
+from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
+from classicnets.train.settings import set_deterministic
 
 __all__ = ["BNMLPConfig", "EXPERIMENT", "build_model", "run"]
 

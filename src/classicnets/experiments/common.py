@@ -59,7 +59,7 @@ class ExperimentError(ValueError):
 
 @dataclass
 class TrainingOptions:
-    """Training switches every experiment config inherits (``train.classifier.TrainSettings``
+    """Training switches every experiment config inherits (``train.settings.TrainSettings``
     documents each). All are off by default; on CPU, bf16 and fp16 run but are slower."""
 
     weight_decay: float = 0.0  # never applied to BN parameters and biases
@@ -98,7 +98,7 @@ class TrainingOptions:
 
 def train_settings(config, **overrides):
     """``TrainSettings`` from the fields of ``config`` that share its names, plus ``overrides``."""
-    from classicnets.train.classifier import TrainSettings
+    from classicnets.train.settings import TrainSettings
 
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     values = {n: getattr(config, n) for n in names if hasattr(config, n)}
@@ -369,7 +369,7 @@ def load_checkpointed(
             the whole module.
     """
     from classicnets.train.checkpoint import latest_checkpoint
-    from classicnets.train.classifier import load_model_weights
+    from classicnets.train.state import load_model_weights
 
     out = {}
     for variant in variants:
@@ -441,7 +441,7 @@ def load_image_data(
     import torch
 
     from classicnets.data import load_mnist
-    from classicnets.train.classifier import ClassificationData
+    from classicnets.train.settings import ClassificationData
 
     splits = []
     for split in ("train", "test"):

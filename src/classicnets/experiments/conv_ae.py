@@ -41,8 +41,8 @@ from classicnets.train.autoencoder import (
     evaluate_reconstruction,
     train_autoencoder,
 )
-from classicnets.train.classifier import ClassificationData, set_deterministic
 from classicnets.train.run import RunDir, RunError
+from classicnets.train.settings import ClassificationData, set_deterministic
 
 __all__ = ["EXPERIMENT", "ConvAEConfig", "build_model", "reconstruction_grid", "run"]
 

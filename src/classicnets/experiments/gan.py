@@ -267,8 +267,8 @@ class _Scoring:
 
 def run(config: GANConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
     """Train the variants, score them, write grids, plots, ``summary.json`` and the report."""
-    from classicnets.train.classifier import set_deterministic
     from classicnets.train.gan import train_gan
+    from classicnets.train.settings import set_deterministic
 
     config.validate()
     clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
@@ -486,7 +486,7 @@ def load_models(config: GANConfig, run_dir: RunDir, device: str = "cpu") -> dict
 
 def evaluate_trained(config: GANConfig, run_dir: RunDir, device: str = "cpu") -> dict:
     """Scores of each variant's newest generator (``score_samples`` samples)."""
-    from classicnets.train.classifier import set_deterministic
+    from classicnets.train.settings import set_deterministic
 
     set_deterministic(config.deterministic)
     data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)

@@ -25,8 +25,9 @@ from classicnets.experiments.common import (
     train_settings,
 )
 from classicnets.models import MLP, create_model, model_entry
-from classicnets.train.classifier import set_deterministic, train_classifier
+from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
+from classicnets.train.settings import set_deterministic
 
 __all__ = ["EXPERIMENT", "ResNetVsMLPConfig", "build_model", "run"]
 

@@ -265,8 +265,8 @@ def run(
     """Train every variant, then write ``summary.json``, plots and ``report.html``."""
     from classicnets.data.ptb import load_ptb
     from classicnets.files import atomic_write_text
-    from classicnets.train.classifier import set_deterministic
     from classicnets.train.language_model import train_language_model
+    from classicnets.train.settings import set_deterministic
 
     config.validate()
     clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
@@ -438,7 +438,7 @@ def load_models(
 ) -> dict[str, TrainedModel]:
     """Each variant's newest checkpoint as a ``TrainedModel`` (eval mode)."""
     from classicnets.train.checkpoint import latest_checkpoint
-    from classicnets.train.classifier import load_model_weights
+    from classicnets.train.state import load_model_weights
 
     vocabulary = None
     out = {}

@@ -43,8 +43,8 @@ from classicnets.experiments.common import (
     train_settings,
 )
 from classicnets.models.vae import VAE
-from classicnets.train.classifier import set_deterministic
 from classicnets.train.run import RunDir
+from classicnets.train.settings import set_deterministic
 from classicnets.train.vae import evaluate_vae, train_vae
 
 __all__ = [

@@ -263,7 +263,8 @@ def scoring_classifier(
 def _train_scorer(data_dir, device: str, download: bool, quick: bool) -> tuple[nn.Module, dict]:
     """Train a ``SmallCNN`` with the classifier loop (no files); the caller's RNG is untouched."""
     from classicnets.experiments.common import load_image_data
-    from classicnets.train.classifier import TrainSettings, train_classifier
+    from classicnets.train.classifier import train_classifier
+    from classicnets.train.settings import TrainSettings
 
     recipe = _RECIPES[bool(quick)]
     data = load_image_data("mnist", data_dir, device, recipe["train_limit"], download)

@@ -36,11 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches, iterate_in_order
-from classicnets.train.classifier import (
-    TrainSettings,
-    make_optimizer,
-    make_schedule_from_settings,
-)
 from classicnets.train.distributed import get_context
 from classicnets.train.faults import SignalGuard
 from classicnets.train.loop import (
@@ -59,6 +54,11 @@ from classicnets.train.precision import (
     maybe_compile,
 )
 from classicnets.train.run import RunDir
+from classicnets.train.settings import (
+    TrainSettings,
+    make_optimizer,
+    make_schedule_from_settings,
+)
 from classicnets.train.state import TrainState
 
 __all__ = [

@@ -29,7 +29,7 @@ from classicnets.train.checkpoint import (
     unpack_optimizer,
 )
 
-__all__ = ["TrainState"]
+__all__ = ["TrainState", "load_model_weights"]
 
 
 # Top-level fields of a trainer state and the types ``restore`` reads them as.
@@ -174,3 +174,9 @@ class TrainState:
 def _deep_copy(snapshot: tuple[dict[str, Tensor], dict[str, Any]]):
     tensors, state = snapshot
     return {k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(state))
+
+
+def load_model_weights(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Load the ``model.*`` entries of a checkpoint into ``model`` (strict)."""
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=True)

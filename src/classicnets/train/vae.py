@@ -24,12 +24,6 @@ from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches, iterate_in_order
 from classicnets.models.vae import VAE, kl_divergence, reconstruction_loss, vae_loss
-from classicnets.train.classifier import (
-    ClassificationData,
-    TrainSettings,
-    make_optimizer,
-    make_schedule_from_settings,
-)
 from classicnets.train.distributed import get_context
 from classicnets.train.faults import SignalGuard
 from classicnets.train.loop import (
@@ -43,6 +37,12 @@ from classicnets.train.loop import (
 from classicnets.train.params import param_groups
 from classicnets.train.precision import Precision, maybe_compile
 from classicnets.train.run import RunDir
+from classicnets.train.settings import (
+    ClassificationData,
+    TrainSettings,
+    make_optimizer,
+    make_schedule_from_settings,
+)
 from classicnets.train.state import TrainState
 
 __all__ = ["evaluate_vae", "evaluation_noise", "train_vae"]
