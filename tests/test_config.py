@@ -141,3 +141,20 @@ def test_saved_config_is_checked_like_set(values, message):
     with pytest.raises(ConfigError) as info:
         config_from_dict(Demo, values)
     assert str(info.value) == message
+
+
+def test_train_settings_map_explicitly():
+    from classicnets.experiments import get_experiment
+    from classicnets.experiments.common import train_settings
+
+    config = get_experiment("bn-mlp").config_cls.quick()
+    settings = train_settings(config, lr=0.5, nesterov=False, eval_batch_size=100)
+    assert (settings.lr, settings.steps, settings.log_every) == (
+        0.5,
+        config.steps,
+        config.log_every,
+    )
+    with pytest.raises(TypeError, match="has no field nesterov, eval_batch_size"):
+        train_settings(config, lr=0.5)  # a field no one supplies is an error, not a default
+    with pytest.raises(TypeError, match="log_evry are not TrainSettings fields"):
+        train_settings(config, lr=0.5, nesterov=False, eval_batch_size=100, log_evry=5)

@@ -125,7 +125,9 @@ def build_model(config: BNMLPConfig, variant: str) -> MLP:
 
 
 def _settings(config: BNMLPConfig, variant: str):
-    return train_settings(config, lr=config.lr_bn if variant == "bn" else config.lr_plain)
+    lr = config.lr_bn if variant == "bn" else config.lr_plain
+    # Plain SGD as in the paper (no Nesterov); the evaluation batch has no effect on results.
+    return train_settings(config, lr=lr, nesterov=False, eval_batch_size=2000)
 
 
 def sigmoid_input_hook(probe: torch.Tensor, unit: int):

@@ -96,14 +96,27 @@ class TrainingOptions:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
-def train_settings(config, **overrides):
-    """``TrainSettings`` from the fields of ``config`` that share its names, plus ``overrides``."""
+def train_settings(config, **given):
+    """``TrainSettings`` for one model of an experiment: each field from ``given`` if there,
+    else from the config field of the same name.
+
+    Explicit, never silent: a settings field that neither supplies (a config field misspelled or
+    missing) and a name in ``given`` that is no settings field are errors naming it, so that no
+    setting quietly falls back to a default.
+    """
     from classicnets.train.settings import TrainSettings
 
-    names = {f.name for f in dataclasses.fields(TrainSettings)}
-    values = {n: getattr(config, n) for n in names if hasattr(config, n)}
-    values.update(overrides)
-    return TrainSettings(**values)
+    names = [f.name for f in dataclasses.fields(TrainSettings)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise TypeError(f"train_settings: {', '.join(unknown)} are not TrainSettings fields")
+    missing = [n for n in names if n not in given and not hasattr(config, n)]
+    if missing:
+        raise TypeError(
+            f"train_settings: {type(config).__name__} has no field {', '.join(missing)} and "
+            f"none was given; add it to the config or pass it explicitly"
+        )
+    return TrainSettings(**{n: given[n] if n in given else getattr(config, n) for n in names})
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def run(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool
     for variant in config.variants:
         torch.manual_seed(config.seed)  # the same initialization stream for every variant
         model = build_model(config, variant).to(device)
-        settings = train_settings(config, steps=steps)
+        settings = train_settings(config, steps=steps, nesterov=False, eval_batch_size=2000)
         results[variant] = train_autoencoder(
             model, data, settings, run_dir, variant, loss=config.loss, resume=resume
         )

@@ -150,7 +150,7 @@ def run(
         torch.manual_seed(config.seed)
         model = build_model(config, variant).to(device)
         lr = config.lr_resnet if variant == "resnet" else config.lr_mlp
-        settings = train_settings(config, steps=steps, lr=lr)
+        settings = train_settings(config, steps=steps, lr=lr, eval_batch_size=2000)
         results[variant] = train_classifier(
             model,
             data,

@@ -206,7 +206,7 @@ def run(config: VAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = 
     for variant in config.variants:
         torch.manual_seed(config.seed)  # the same initialization stream for every variant
         model = build_model(config, variant).to(device)
-        settings = train_settings(config, steps=steps)
+        settings = train_settings(config, steps=steps, momentum=0.0, nesterov=False)
         results[variant] = train_vae(
             model,
             data,
