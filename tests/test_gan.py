@@ -294,8 +294,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def untrained_scorer():
     """The scoring API with an untrained CNN: the scores' plumbing without the minute it takes to
-    train one (``metrics.generative``'s own tests cover the trained scorer; the full run in
+    train one (``experiments.scorer``'s tests cover the trained scorer; the full run in
     docs/gan.md used it)."""
+    from classicnets.experiments import scorer as scorer_module
     from classicnets.metrics import generative
 
     def scorer(data_dir, device, classifier_run=None, cache_dir=None, download=True, quick=False):
@@ -305,7 +306,7 @@ def untrained_scorer():
         return generative.ScoringClassifier(model, device, "untrained SmallCNN (test)")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(generative, "scoring_classifier", scorer)
+        patch.setattr(scorer_module, "scoring_classifier", scorer)
         yield
 
 

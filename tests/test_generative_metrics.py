@@ -9,11 +9,8 @@ import pytest
 import torch
 
 from classicnets.experiments.common import ExperimentError, load_image_data
-from classicnets.metrics.generative import (
-    frechet_distance,
-    label_accuracy,
-    scoring_classifier,
-)
+from classicnets.experiments.scorer import scoring_classifier
+from classicnets.metrics.generative import frechet_distance, label_accuracy
 
 
 def _gaussian(rng, n, d, shift=0.0):

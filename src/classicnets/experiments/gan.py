@@ -6,7 +6,8 @@ parameters). Over training each writes a fixed-noise grid (one row per digit for
 cells can be regenerated from the seeds saved beside it.
 
 Scoring, by a trained MNIST classifier (the ``resnet`` of a ``resnet-vs-mlp`` run given as
-``classifier_run``, else a small CNN trained inside the run, ``metrics.generative``):
+``classifier_run``, else a small CNN trained inside the run: ``experiments.scorer``; the scores
+themselves are ``metrics.generative``):
 
 - ``label_accuracy`` (CGAN): the fraction of samples the classifier recognises as the digit
   that was asked for, with the confusion matrix "asked for x recognised as";
@@ -206,7 +207,8 @@ class _Scoring:
     """The scorer and the real-image features every score of a run compares against."""
 
     def __init__(self, config: GANConfig, run_dir: RunDir, data, device: str) -> None:
-        from classicnets.metrics.generative import frechet_distance, scoring_classifier
+        from classicnets.experiments.scorer import scoring_classifier
+        from classicnets.metrics.generative import frechet_distance
 
         cache = config.scorer_cache or str(run_dir.path / "scorer")
         self.scorer = scoring_classifier(

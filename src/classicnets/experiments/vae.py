@@ -246,7 +246,7 @@ def run(config: VAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = 
 
 
 def _scorer(config: VAEConfig, run_dir: RunDir, device: str):
-    from classicnets.metrics.generative import scoring_classifier
+    from classicnets.experiments.scorer import scoring_classifier
 
     cache = config.scorer_cache or run_dir.path / "scoring_classifier"
     return scoring_classifier(
