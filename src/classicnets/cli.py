@@ -278,7 +278,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from classicnets.export import export_run
+    from classicnets.experiments.export import export_run
 
     for report in export_run(args.run_dir, args.format, args.fold_bn, args.variant, args.out):
         print(report.summary())

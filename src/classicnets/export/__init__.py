@@ -1,9 +1,11 @@
 """Export trained models: a NumPy bundle anyone can read and port, and ONNX.
 
-    from classicnets.export import export_run, load_bundle, run_bundle
+    from classicnets.experiments.export import export_run   # a run folder's models
+    from classicnets.export import export_numpy, load_bundle, run_bundle
 
     export_run("runs/bn-mlp-...", "numpy", fold_bn=True)    # RUN_DIR/export/<variant>-folded/
     export_run("runs/bn-mlp-...", "onnx")                   # RUN_DIR/export/<variant>.onnx
+    export_numpy(model, info, "out/bundle")                 # any model, described by info
     bundle = load_bundle("runs/bn-mlp-.../export/bn")
     logits = run_bundle(bundle, images)                     # NumPy only
 
@@ -12,7 +14,8 @@ Modules:
     numpy_runtime  one function per layer and ``run_bundle`` (NumPy only, never imports torch)
     predict        ``classicnets predict``: images and text through a bundle (NumPy only)
     graph          torch.fx tracing and the registry of op converters (torch)
-    exporter       ``export_numpy``, ``export_run``, the checks against PyTorch (torch)
+    exporter       ``export_numpy`` and the checks against PyTorch (torch), on models: run
+                   folders are ``classicnets.experiments.export.export_run``'s business
     onnx_export    ``export_onnx``, checked with onnxruntime (torch, onnx)
 
 Importing this package does not import torch: the torch-side names below are loaded on first
@@ -32,7 +35,6 @@ __all__ = [
     "ExportReport",
     "export_numpy",
     "export_onnx",
-    "export_run",
     "load_bundle",
     "run_bundle",
     "trace_layers",
@@ -42,7 +44,6 @@ __all__ = [
 _LAZY = {
     "ExportReport": "classicnets.export.exporter",
     "export_numpy": "classicnets.export.exporter",
-    "export_run": "classicnets.export.exporter",
     "export_onnx": "classicnets.export.onnx_export",
     "trace_layers": "classicnets.export.graph",
 }
