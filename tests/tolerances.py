@@ -24,3 +24,16 @@ def two_orders(n: int, abs_sum: float, u: float = U32) -> float:
     """Absolute tolerance for two evaluations of a sum (or dot product) of ``n`` terms whose
     absolute values add up to at most ``abs_sum``, in possibly different orders."""
     return 2 * gamma(n + 1, u) * abs_sum
+
+
+def network(depth: int, fan_in: int, condition: float = 10.0, u: float = U32) -> float:
+    """Relative tolerance for two evaluations of a network of ``depth`` layers, each output a
+    sum of at most ``fan_in`` products plus a bias, in possibly different orders (a folded BN,
+    another batch size, another library).
+
+    Each layer adds at most ``2 gamma(fan_in + 1)`` times its sums' ``sum|terms|``; ``condition``
+    bounds ``sum|terms| / |sum|`` relative to the output scale (the cancellation in a sum), 10 for
+    the small networks of these tests whose weights are PyTorch's init, below 1/sqrt(fan_in).
+    The layers' errors add up (the layers do not amplify them: |w| sqrt(fan_in) <= 1).
+    """
+    return depth * 2 * gamma(fan_in + 1, u) * condition
