@@ -205,3 +205,11 @@ def test_trainer_state_that_does_not_fit_falls_back_and_never_half_restores(tmp_
     assert torch.equal(
         momentum, built.optimizers["sgd"].state_dict()["state"][0]["momentum_buffer"]
     )
+
+
+def test_state_digest_survives_the_json_round_trip(tmp_path):
+    # Integer keys sort as numbers before writing and as strings after reading; tuples become
+    # lists: the digest must be the same on both sides.
+    state = {"step": 3, "counts": {2: "a", 10: "b"}, "shape": (1, 2)}
+    path = save_checkpoint(tmp_path, checkpoint_name("m", 3), {"w": torch.zeros(1)}, state)
+    assert load_checkpoint(path)[1] == {"step": 3, "counts": {"2": "a", "10": "b"}, "shape": [1, 2]}

@@ -108,7 +108,10 @@ def save_checkpoint(
 def state_digest(state: dict[str, Any]) -> str:
     """The sha256 of ``state`` in canonical JSON (sorted keys, no spaces): what a record stores
     and what a reader recomputes from the state it parsed."""
-    text = json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    # Through JSON first, as a reader will see it: tuples become lists and integer keys strings,
+    # so that the sorted text is the same on both sides.
+    parsed = json.loads(json.dumps(state, allow_nan=True))
+    text = json.dumps(parsed, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
