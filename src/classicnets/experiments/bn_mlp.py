@@ -28,7 +28,6 @@ from classicnets.experiments.common import (
 from classicnets.models.mlp import MLP
 from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
-from classicnets.train.settings import set_deterministic
 
 __all__ = ["BNMLPConfig", "EXPERIMENT", "build_model", "run"]
 
@@ -153,12 +152,16 @@ def sigmoid_input_hook(probe: torch.Tensor, unit: int):
     return hook
 
 
-def run(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
-    """Train the variants, then write plots, ``summary.json`` and ``report.html``."""
-    config.validate()
-    previous = run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0
-    clock = Stopwatch(previous)
-    set_deterministic(config.deterministic)
+def run(
+    config: BNMLPConfig,
+    run_dir: RunDir,
+    device: str = "cpu",
+    resume: bool = False,
+    *,
+    clock: Stopwatch,
+) -> dict:
+    """Train the variants and write the plots; return the summary (``run_lifecycle`` writes it
+    and the report)."""
     data = load_image_data(
         config.dataset, config.data_dir, device, config.train_limit, config.download
     )
@@ -175,12 +178,7 @@ def run(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu", resume: bool 
         if not results[variant]["complete"]:
             break  # stopped on request: the next variant starts when the run is resumed
     summary = _summary(config, run_dir, results, clock.elapsed(), device)
-    run_dir.write_summary(summary)
     write_plots(run_dir)
-    from classicnets.report import write_report
-
-    if run_dir.writer:  # rank 0 of a torchrun job
-        write_report(run_dir.path)
     return summary
 
 

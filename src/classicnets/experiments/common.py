@@ -3,7 +3,9 @@
 An experiment is a config dataclass (documented defaults; ``quick()`` gives the variant tests
 use) and three functions:
 
-    run(config, run_dir, device, resume) -> summary dict   trains, logs, plots, reports
+    run(config, run_dir, device, resume, clock) -> summary   trains, logs and plots; the
+                                                 lifecycle around it (``run_lifecycle``)
+                                                 times, seeds kernels, writes summary, report
     evaluate(run_dir, device) -> dict                        metrics of the trained models
     describe: one line for ``classicnets list``
 """
@@ -49,6 +51,7 @@ __all__ = [
     "resume_experiment",
     "run_config",
     "run_experiment",
+    "run_lifecycle",
     "train_settings",
 ]
 
@@ -126,7 +129,8 @@ class Experiment:
     Attributes:
         name, description: for ``classicnets list``.
         config_cls: the config dataclass (``quick()`` gives the quick variant).
-        run: ``run(config, run_dir, device, resume) -> summary``.
+        run: ``run(config, run_dir, device, resume, *, clock) -> summary``: trains and plots;
+            ``run_lifecycle`` checks, times, writes the summary and the report around it.
         evaluate: ``evaluate(config, run_dir, device) -> {variant: metrics}``.
         load_models: ``load_models(config, run_dir, device) -> {variant: TrainedModel}``, the
             trained models in eval mode with what an exporter needs to know about them.
@@ -252,7 +256,7 @@ def run_experiment(
             record = config_to_dict(config)
             run.write_config(name, {**record, "_quick": quick, "_device": device})
             try:
-                summary = experiment.run(config, run, device=ctx.device, resume=False)
+                summary = run_lifecycle(experiment, config, run, ctx.device, resume=False)
             except Exception as exc:
                 if ctx.is_main:
                     _record_divergence(run, exc)
@@ -261,6 +265,27 @@ def run_experiment(
     finally:
         shutdown()
     return run.path, summary
+
+
+def run_lifecycle(experiment: Experiment, config, run: RunDir, device: str, resume: bool) -> dict:
+    """What every experiment's run does around its own work, once, in order: check the config,
+    keep counting the wall time of earlier sessions, choose deterministic kernels, let the
+    experiment train and plot (``experiment.run``), then write ``summary.json`` and, on the
+    writing process, ``report.html``."""
+    from classicnets.train.settings import set_deterministic
+
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    clock = Stopwatch(run.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
+    set_deterministic(config.deterministic)
+    summary = experiment.run(config, run, device=device, resume=resume, clock=clock)
+    run.write_summary(summary)
+    if run.writer:  # rank 0 of a torchrun job
+        from classicnets.report import write_report
+
+        write_report(run.path)
+    return summary
 
 
 def _record_divergence(run: RunDir, exc: Exception) -> None:
@@ -323,7 +348,7 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
                 stack.enter_context(hold_run(run.path))
             run.writer = ctx.is_main
             try:
-                return experiment.run(config, run, device=ctx.device, resume=True)
+                return run_lifecycle(experiment, config, run, ctx.device, resume=True)
             except Exception as exc:
                 _record_divergence(run, exc)
                 raise

@@ -42,7 +42,7 @@ from classicnets.train.autoencoder import (
     train_autoencoder,
 )
 from classicnets.train.run import RunDir, RunError
-from classicnets.train.settings import ClassificationData, set_deterministic
+from classicnets.train.settings import ClassificationData
 
 __all__ = ["EXPERIMENT", "ConvAEConfig", "build_model", "reconstruction_grid", "run"]
 
@@ -142,11 +142,15 @@ def _data(config: ConvAEConfig, device: str) -> ClassificationData:
     )
 
 
-def run(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
-    """Train the variants, then write plots, the reconstruction grid, summary and report."""
-    config.validate()
-    clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
-    set_deterministic(config.deterministic)
+def run(
+    config: ConvAEConfig,
+    run_dir: RunDir,
+    device: str = "cpu",
+    resume: bool = False,
+    *,
+    clock: Stopwatch,
+) -> dict:
+    """Train the variants, write the plots and the reconstruction grid; return the summary."""
     data = _data(config, device)
     steps = config.epochs * (len(data.train_x) // config.batch_size)
     results: dict[str, Any] = {}
@@ -163,7 +167,6 @@ def run(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool
         if not results[variant]["complete"]:
             break  # stopped on request: the next variant starts when the run is resumed
     summary = _summary(config, results, clock.elapsed(), device, steps)
-    run_dir.write_summary(summary)
     write_plots(run_dir)
     reconstruction_grid(
         run_dir.plots / "reconstructions.png",
@@ -171,10 +174,6 @@ def run(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool
         {v: _reconstruct(m, data.test_x[: config.grid_images]) for v, m in models.items()},
         title=f"test images (top) and their reconstructions ({config.dataset})",
     )
-    from classicnets.report import write_report
-
-    if run_dir.writer:  # rank 0 of a torchrun job
-        write_report(run_dir.path)
     return summary
 
 

@@ -267,14 +267,17 @@ class _Scoring:
 # --------------------------------------------------------------------------------------------
 
 
-def run(config: GANConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
-    """Train the variants, score them, write grids, plots, ``summary.json`` and the report."""
+def run(
+    config: GANConfig,
+    run_dir: RunDir,
+    device: str = "cpu",
+    resume: bool = False,
+    *,
+    clock: Stopwatch,
+) -> dict:
+    """Train the variants, score them, write grids and plots; return the summary."""
     from classicnets.train.gan import train_gan
-    from classicnets.train.settings import set_deterministic
 
-    config.validate()
-    clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
-    set_deterministic(config.deterministic)
     data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)
     scoring: _Scoring | None = None
 
@@ -309,12 +312,7 @@ def run(config: GANConfig, run_dir: RunDir, device: str = "cpu", resume: bool = 
                 f"{100 * scores['label_accuracy']:.1f}% as asked",
             )
     summary = _summary(config, results, scoring, clock.elapsed(), device)
-    run_dir.write_summary(summary)
     write_plots(run_dir, config)
-    from classicnets.report import write_report
-
-    if run_dir.writer:  # rank 0 of a torchrun job
-        write_report(run_dir.path)
     return summary
 
 

@@ -27,7 +27,6 @@ from classicnets.experiments.common import (
 from classicnets.models import MLP, create_model, model_entry
 from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
-from classicnets.train.settings import set_deterministic
 
 __all__ = ["EXPERIMENT", "ResNetVsMLPConfig", "build_model", "run"]
 
@@ -129,14 +128,16 @@ def _steps(config: ResNetVsMLPConfig, train_size: int) -> int:
 
 
 def run(
-    config: ResNetVsMLPConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False
+    config: ResNetVsMLPConfig,
+    run_dir: RunDir,
+    device: str = "cpu",
+    resume: bool = False,
+    *,
+    clock: Stopwatch,
 ) -> dict:
-    """Train both models, then write confusion matrices, plots, summary and report."""
+    """Train both models, write confusion matrices and plots; return the summary."""
     from classicnets.data.augment import random_shift
 
-    config.validate()
-    clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
-    set_deterministic(config.deterministic)
     data = load_image_data(
         config.dataset, config.data_dir, device, config.train_limit, config.download
     )
@@ -167,12 +168,7 @@ def run(
         results[variant]["macro_f1"] = evaluation["macro_f1"]
         evaluation_plots(run_dir, variant, evaluation)
     summary = _summary(config, results, clock.elapsed(), device, steps)
-    run_dir.write_summary(summary)
     write_plots(run_dir)
-    from classicnets.report import write_report
-
-    if run_dir.writer:  # rank 0 of a torchrun job
-        write_report(run_dir.path)
     return summary
 
 

@@ -260,17 +260,18 @@ def _vocabulary_path(run_dir: RunDir):
 
 
 def run(
-    config: RNNvsLSTMConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False
+    config: RNNvsLSTMConfig,
+    run_dir: RunDir,
+    device: str = "cpu",
+    resume: bool = False,
+    *,
+    clock: Stopwatch,
 ) -> dict:
-    """Train every variant, then write ``summary.json``, plots and ``report.html``."""
+    """Train every variant and write the plots; return the summary."""
     from classicnets.data.ptb import load_ptb
     from classicnets.files import atomic_write_text
     from classicnets.train.language_model import train_language_model
-    from classicnets.train.settings import set_deterministic
 
-    config.validate()
-    clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
-    set_deterministic(config.deterministic)
     corpus = load_ptb(config.data_dir, config.download)
     train = corpus.train[: config.train_limit]
     valid, test = corpus.valid[: config.eval_limit], corpus.test[: config.eval_limit]
@@ -290,13 +291,8 @@ def run(
         if results[variant]["status"] == "stopped":
             break  # stopped on request: the next variants start when the run is resumed
     summary = _summary(config, run_dir, results, clock.elapsed(), device, len(train))
-    run_dir.write_summary(summary)
     if run_dir.writer:
         write_plots(run_dir)
-        from classicnets.report import write_report
-
-        if run_dir.writer:  # rank 0 of a torchrun job
-            write_report(run_dir.path)
     return summary
 
 

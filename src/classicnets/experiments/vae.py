@@ -44,7 +44,6 @@ from classicnets.experiments.common import (
 )
 from classicnets.models.vae import VAE
 from classicnets.train.run import RunDir
-from classicnets.train.settings import set_deterministic
 from classicnets.train.vae import evaluate_vae, train_vae
 
 __all__ = [
@@ -193,11 +192,15 @@ def _data(config: VAEConfig, device: str):
 # --------------------------------------------------------------------------- run
 
 
-def run(config: VAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = False) -> dict:
-    """Train the variants, then score them and write grids, plots, summary and report."""
-    config.validate()
-    clock = Stopwatch(run_dir.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
-    set_deterministic(config.deterministic)
+def run(
+    config: VAEConfig,
+    run_dir: RunDir,
+    device: str = "cpu",
+    resume: bool = False,
+    *,
+    clock: Stopwatch,
+) -> dict:
+    """Train the variants, score them, write grids and plots; return the summary."""
     data = _data(config, device)
     steps = _steps(config, len(data.train_x))
     steps_per_epoch = len(data.train_x) // config.batch_size
@@ -236,12 +239,7 @@ def run(config: VAEConfig, run_dir: RunDir, device: str = "cpu", resume: bool = 
     summary = _summary(
         config, results, references, scorer_info, clock.elapsed(), device, steps, complete
     )
-    run_dir.write_summary(summary)
     write_plots(run_dir, results)
-    from classicnets.report import write_report
-
-    if run_dir.writer:  # rank 0 of a torchrun job
-        write_report(run_dir.path)
     return summary
 
 
