@@ -567,3 +567,22 @@ def test_two_runs_racing_for_one_new_out_folder(data_root, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["variant"], r["split"], r["step"]) for r in records]
     assert len(keys) == len(set(keys))
+
+
+def test_stale_temporaries_of_a_killed_write_go_with_the_next_writer(finished, tmp_path):
+    """A write killed between its temporary file and the rename leaves ``.NAME.*.tmp``; the
+    next process that takes the folder's lock removes it (and nothing else)."""
+    work = tmp_path / "run"
+    shutil.copytree(finished / "run", work)
+    stale = [
+        work / ".metrics.jsonl.0badc0de.tmp",
+        work / "checkpoints" / ".bn-step00000030.json.1.tmp",
+    ]
+    for path in stale:
+        path.write_text("torn")
+    before = _snapshot(work)
+    assert main(["resume", str(work), "--device", "cpu"]) == 0  # a complete run: nothing to do
+    after = _snapshot(work)
+    assert not any(path.exists() for path in stale)
+    removed = {str(p.relative_to(work)) for p in stale}
+    assert set(before) - set(after) == removed
