@@ -21,7 +21,7 @@ from classicnets.experiments.common import (
 )
 from classicnets.files import atomic_write_bytes
 
-__all__ = ["MAX_BATCHES", "bn_check", "read_inputs", "recalibrate"]
+__all__ = ["MAX_BATCHES", "bn_check", "read_inputs", "recalibrate", "reports_as_json"]
 
 MAX_BATCHES = 200  # batches of the training data measured (12,000 MNIST images at batch 60)
 INPUT_BATCH = 256
