@@ -268,15 +268,13 @@ def run_experiment(
 
 
 def run_lifecycle(experiment: Experiment, config, run: RunDir, device: str, resume: bool) -> dict:
-    """What every experiment's run does around its own work, once, in order: check the config,
-    keep counting the wall time of earlier sessions, choose deterministic kernels, let the
-    experiment train and plot (``experiment.run``), then write ``summary.json`` and, on the
-    writing process, ``report.html``."""
+    """What every experiment's run does around its own work, once, in order: keep counting the
+    wall time of earlier sessions, choose deterministic kernels, let the experiment train and
+    plot (``experiment.run``), then write ``summary.json`` and, on the writing process,
+    ``report.html``. ``config`` is already checked: ``apply_overrides`` and
+    ``config_from_dict`` validate every config they make."""
     from classicnets.train.settings import set_deterministic
 
-    validate = getattr(config, "validate", None)
-    if validate is not None:
-        validate()
     clock = Stopwatch(run.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
     set_deterministic(config.deterministic)
     summary = experiment.run(config, run, device=device, resume=resume, clock=clock)

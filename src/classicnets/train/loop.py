@@ -205,10 +205,14 @@ class FiniteCheck:
             if not bool(torch.isfinite(first).all()):
                 return None  # reported as non-finite; nothing to measure against
             self.extra["initial_losses"] = first.tolist()
+        cached = getattr(self, "_limit_cache", None)
+        if cached is not None and cached.device == values.device and cached.dtype == values.dtype:
+            return cached  # made once: no host-to-device copy at every check
         initial = torch.tensor(self.extra["initial_losses"], dtype=torch.float64)
         # A loss that starts at 0 (a perfect fit) is measured against 1 instead.
         scale = torch.where(initial.abs() > 0, initial.abs(), torch.ones_like(initial))
-        return (EXPLOSION * scale).to(device=values.device, dtype=values.dtype)
+        self._limit_cache = (EXPLOSION * scale).to(device=values.device, dtype=values.dtype)
+        return self._limit_cache
 
     def __call__(self, step: int) -> None:
         """Raise ``NonFiniteLossError`` if a value since the last check is not finite, or is a
