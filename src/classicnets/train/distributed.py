@@ -8,8 +8,10 @@ on CPU) and gives each process its device (``cuda:LOCAL_RANK``). The command lin
 for one process:
 
 - the **global** batch (``batch_size``) is split across processes: every process draws the same
-  shuffled index batch (same seed) and takes its own contiguous slice, so with equal slices the
-  averaged DDP gradient is the gradient of the global batch's mean loss;
+  shuffled index batch (same seed) and takes its own contiguous slice, and the gradients are
+  averaged over the processes after every backward pass (``average_gradients``, called by
+  ``train.fit.optimize``), so with equal slices every process steps with the gradient of the
+  global batch's mean loss;
 - with synchronized BN (``sync_bn=true``) the batch statistics are those of the global batch, so
   training equals one process over the global batch; without it each process normalizes with its
   own slice (standard DDP behaviour);
@@ -31,6 +33,7 @@ from classicnets.nn.batchnorm import is_batchnorm
 
 __all__ = [
     "DistributedContext",
+    "average_gradients",
     "broadcast_object",
     "get_context",
     "init_from_env",
@@ -143,13 +146,25 @@ def sync_bn_buffers(model: nn.Module, context: DistributedContext | None = None)
                 buffer.div_(context.world_size)
 
 
-def wrap_ddp(model: nn.Module, context: DistributedContext) -> nn.Module:
-    """``model`` wrapped in ``DistributedDataParallel`` when running distributed."""
-    if not context.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+@torch.no_grad()
+def average_gradients(params, context: DistributedContext | None = None) -> None:
+    """Replace each gradient of ``params`` by its mean over the processes, in place.
 
-    device_ids = [context.local_rank] if context.device.startswith("cuda") else None
-    # BN buffers are synchronized explicitly (sync BN or sync_bn_buffers), not broadcast from
-    # rank 0 at every forward as DDP does by default.
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    The all-reduce of ``DistributedDataParallel``, done once after the backward pass in one
+    flat buffer (a single collective per optimizer step): every process then steps with the
+    gradient of the global batch's mean loss. Parameters without a gradient (a frozen network,
+    as D is during the GAN's generator step) are skipped; they are the same on every process.
+    """
+    context = context or get_context()
+    if not context.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= context.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
