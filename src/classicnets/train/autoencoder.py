@@ -19,12 +19,9 @@ floor is the entropy of the targets.
 Model protocol: ``model(x)`` returns intensities in (0, 1) and ``model(x, logits=True)`` their
 logits, both of ``x``'s shape (``models.autoencoder.ConvAutoencoder``).
 
-As in the classifier loop, everything a step depends on is in the checkpoint or a function of
-the step, so a run resumed from step k continues bit for bit (CPU, deterministic mode); metrics
-logged after the resumed checkpoint are dropped and written again; the losses since the last
-check are tested for NaN and infinity before every checkpoint, so a checkpoint never holds
-weights that a non-finite loss has touched; SIGINT / SIGTERM stop after the current step with a
-checkpoint (``StopRequested``). One process only: under ``torchrun`` it refuses to start.
+``fit`` drives the step (``AutoencoderTask``) as it drives every paradigm's: exact resume, the
+finite check before every checkpoint, SIGINT / SIGTERM, and ``torchrun`` (the global batch split
+over the processes; ``sync_bn`` for the global batch's BN statistics).
 """
 
 from __future__ import annotations
@@ -35,34 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from classicnets.data.batching import ShuffledBatches, iterate_in_order
-from classicnets.train.distributed import get_context
-from classicnets.train.faults import SignalGuard
-from classicnets.train.loop import (
-    FiniteCheck,
-    TrainClock,
-    end_step,
-    finish_step,
-    resume_variant,
-    save_checkpoint,
-)
-from classicnets.train.params import param_groups
-from classicnets.train.precision import (
-    Precision,
-    inputs_channels_last,
-    maybe_channels_last,
-    maybe_compile,
-)
+from classicnets.data.batching import iterate_in_order
+from classicnets.train.fit import SettingsTask, fit
+from classicnets.train.precision import inputs_channels_last
 from classicnets.train.run import RunDir
-from classicnets.train.settings import (
-    TrainSettings,
-    make_optimizer,
-    make_schedule_from_settings,
-)
-from classicnets.train.state import TrainState
+from classicnets.train.settings import TrainSettings
 
 __all__ = [
     "RECONSTRUCTION_LOSSES",
+    "AutoencoderTask",
     "evaluate_reconstruction",
     "reconstruction_loss",
     "train_autoencoder",
@@ -109,6 +87,44 @@ def evaluate_reconstruction(
     return {"loss": bce if loss == "bce" else mse, "mse": mse / pixels, "bce": bce / pixels}
 
 
+class AutoencoderTask(SettingsTask):
+    """One reconstruction step on a shuffled batch; the interval's mean loss."""
+
+    def __init__(self, model: nn.Module, data: Any, settings: TrainSettings, loss: str) -> None:
+        if loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(
+                f"unknown loss {loss!r}; choose one of {', '.join(RECONSTRUCTION_LOSSES)}"
+            )
+        device = data.train_x.device
+        super().__init__(model, len(data.train_x), settings, device,
+                         result_keys=("loss", "mse", "bce"))  # fmt: skip
+        self.data = data
+        self.loss = loss
+
+    def train_step(self, step: int) -> dict[str, Tensor]:
+        index = self.next_batch(step)
+        xb = inputs_channels_last(self.data.train_x[index], self.settings.channels_last)
+        with self.precision.autocast():
+            logits = self.train_model(xb, logits=True)
+        loss = reconstruction_loss(logits.float(), xb.float(), self.loss).mean()
+        norm = self.optimize(loss)
+        self.precision.update()
+        return (
+            {"loss": loss.detach()} if norm is None else {"loss": loss.detach(), "grad_norm": norm}
+        )
+
+    def train_records(self, window: dict[str, Tensor], step: int) -> list[dict[str, Any]]:
+        return [self.mean_record(window, window["loss"].double().mean().item())]
+
+    def test_metrics(self) -> dict[str, float]:
+        x = self.data.test_x
+        return evaluate_reconstruction(self.model, x, self.loss, self.settings.eval_batch_size)
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        test_mse = self.state.extra["last_eval"].get("mse", float("nan"))
+        return {"loss": f"{record['loss']:.2f}", "test_mse": f"{test_mse:.4f}"}
+
+
 def train_autoencoder(
     model: nn.Module,
     data: Any,
@@ -125,8 +141,7 @@ def train_autoencoder(
             initialized from the seed.
         data: anything with whole-split tensors ``train_x`` and ``test_x`` in [0, 1] (e.g.
             ``ClassificationData``; labels are not used).
-        settings: steps, optimizer, schedule, precision, logging and checkpoint intervals
-            (``sync_bn`` does not apply: one process).
+        settings: steps, optimizer, schedule, precision, logging and checkpoint intervals.
         run: the run folder to log to and checkpoint into (None: no files).
         variant: the name of this model within the run (checkpoint prefix, ``variant`` field).
         loss: ``"bce"`` or ``"mse"`` (see the module docstring).
@@ -139,130 +154,6 @@ def train_autoencoder(
         NonFiniteLossError: a training loss is NaN or infinite (the newest checkpoint, written
             before that step, stays intact).
         StopRequested: on SIGINT / SIGTERM, after writing a checkpoint.
-        ValueError: an unknown loss, or a distributed (torchrun) context.
+        ValueError: an unknown loss.
     """
-    if loss not in RECONSTRUCTION_LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(RECONSTRUCTION_LOSSES)}")
-    if get_context().enabled:
-        raise ValueError("train_autoencoder runs in one process; start it without torchrun")
-    device = data.train_x.device
-    maybe_channels_last(model, settings.channels_last)
-    precision = Precision(settings.precision, str(device))
-    optimizer = make_optimizer(param_groups(model, weight_decay=settings.weight_decay), settings)
-    schedule = make_schedule_from_settings(settings)
-    batches = ShuffledBatches(len(data.train_x), settings.batch_size, settings.seed, device=device)
-    state = TrainState({"model": model}, {"model": optimizer}, {"lr": schedule}, precision, batches)
-    log_every = max(1, settings.log_every)
-    state.extra_tensors = {
-        "loss_buffer": torch.zeros(log_every, device=device),
-        "grad_norm_buffer": torch.zeros(log_every, device=device),
-    }
-    state.extra = {"train_time_s": 0.0, "last_train_loss": None}
-
-    def evaluation(prefix: str) -> dict[str, float]:
-        metrics = evaluate_reconstruction(model, data.test_x, loss, settings.eval_batch_size)
-        return {f"{prefix}{k}": v for k, v in metrics.items()}
-
-    if resume and run is not None:
-        resume_variant(state, run, variant, device)
-        if state.complete:
-            return {
-                "step": state.step,
-                "complete": True,
-                "train_time_s": state.extra["train_time_s"],
-                **evaluation("test_"),
-            }
-
-    train_model = maybe_compile(model, settings.compile)
-    loss_buffer = state.extra_tensors["loss_buffer"]
-    norm_buffer = state.extra_tensors["grad_norm_buffer"]
-    clock = TrainClock(state.extra["train_time_s"])
-    check_finite = FiniteCheck(
-        variant, state.step, device, log_every, loss_buffer.__getitem__, extra=state.extra
-    )
-
-    def checkpoint() -> str | None:
-        return save_checkpoint(state, run, variant, settings.keep_checkpoints, clock, check_finite)
-
-    def log_eval(step: int) -> dict[str, Any]:
-        record = {"variant": variant, "step": step, "split": "test", **evaluation("")}
-        if run is not None:
-            run.log(record)
-        return record
-
-    last_eval = {}
-    if state.step == 0:  # step 0: the first point of each curve
-        with clock.paused():
-            last_eval = log_eval(0)
-    progress = _progress(settings, state.step, variant)
-    stop_at = end_step(settings.steps, state.step, settings.stop_after)
-    try:
-        with SignalGuard() as guard:
-            while state.step < stop_at:
-                step = state.step
-                index = next(batches)
-                schedule.apply(optimizer, step, batches.epoch)
-                xb = inputs_channels_last(data.train_x[index], settings.channels_last)
-                train_model.train()
-                with precision.autocast():
-                    logits = train_model(xb, logits=True)
-                batch_loss = reconstruction_loss(logits.float(), xb.float(), loss).mean()
-                optimizer.zero_grad(set_to_none=True)
-                precision.backward(batch_loss)
-                if settings.clip_grad_norm:
-                    precision.unscale_(optimizer)
-                    norm = nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
-                    norm_buffer[step % log_every] = norm.detach()
-                precision.step(optimizer)
-                precision.update()
-                loss_buffer[step % log_every] = batch_loss.detach()
-                state.step = step = step + 1
-                if step % log_every == 0 or step == settings.steps:
-                    check_finite(step)
-                    n = (step - 1) % log_every + 1
-                    mean_loss = loss_buffer[:n].double().mean().item()
-                    record = {
-                        "variant": variant,
-                        "step": step,
-                        "split": "train",
-                        "loss": mean_loss,
-                        "lr": optimizer.param_groups[0]["lr"],
-                    }
-                    if settings.clip_grad_norm:
-                        record["grad_norm"] = norm_buffer[:n].double().mean().item()
-                    if run is not None:
-                        run.log(record)
-                    state.extra["last_train_loss"] = mean_loss
-                    if progress is not None:
-                        test_mse = last_eval.get("mse", float("nan"))
-                        progress.set_postfix(loss=f"{mean_loss:.2f}", test_mse=f"{test_mse:.4f}")
-                        progress.update(n)
-                if step % settings.eval_every == 0 or step == settings.steps:
-                    with clock.paused():
-                        last_eval = log_eval(step)
-                    if hasattr(schedule, "observe") and state.extra["last_train_loss"] is not None:
-                        schedule.observe(state.extra["last_train_loss"])  # plateau: training loss
-                finish_step(
-                    state, step, settings.steps, settings.checkpoint_every, checkpoint, guard
-                )
-            if state.step < settings.steps:  # stopped early on request (stop_after)
-                checkpoint()
-    finally:
-        if progress is not None:
-            progress.close()
-    result: dict[str, Any] = {
-        "step": state.step,
-        "complete": state.complete,
-        "train_time_s": clock.elapsed(),
-    }
-    if last_eval:
-        result.update({f"test_{k}": last_eval[k] for k in ("loss", "mse", "bce")})
-    return result
-
-
-def _progress(settings: TrainSettings, start: int, variant: str):
-    if not settings.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=settings.steps, initial=start, desc=variant, unit="step", dynamic_ncols=True)
+    return fit(AutoencoderTask(model, data, settings, loss), run, variant, resume)

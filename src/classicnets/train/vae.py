@@ -1,53 +1,33 @@
 """Training loop for (conditional) VAEs, with exact resume.
 
-It has the properties of ``train.classifier.train_classifier``: everything a step depends on
+``fit`` drives the step (``VAETask``) as it drives every paradigm's: everything a step depends on
 (weights, Adam state, the global RNG that draws dropout masks and the reparameterization noise,
-the data position, the loss buffers of the current log interval) is in the checkpoint, so a run
-resumed from step k continues bit for bit like an uninterrupted one on CPU in deterministic mode;
-on resume the metrics logged after the checkpoint are dropped and written again; losses are
-checked for NaN/inf before every checkpoint (a bad one is never saved); SIGINT/SIGTERM write a
-checkpoint and raise ``StopRequested``.
+the data position, the values of the current log interval) is in the checkpoint, so a run resumed
+from step k continues bit for bit like an uninterrupted one on CPU in deterministic mode; losses
+are checked for NaN/inf before every checkpoint; ``torchrun`` splits the global batch.
 
 Logged records (``metrics.jsonl``): every ``log_every`` steps ``split="train"`` with the batch
-means of ``loss``, ``recon`` and ``kl`` over the interval; every ``eval_every`` steps
+means of ``loss``, ``recon`` and ``kl`` over the interval (and ``grad_norm``, the mean norm
+before clipping, when clipping); every ``eval_every`` steps
 ``split="test"`` with ``loss``, ``recon``, ``kl`` over the whole test split and, for the
 cross-entropy objective, ``neg_elbo`` in nats (see ``evaluate_vae``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from classicnets.data.batching import ShuffledBatches, iterate_in_order
+from classicnets.data.batching import iterate_in_order
 from classicnets.models.vae import VAE, kl_divergence, reconstruction_loss, vae_loss
-from classicnets.train.distributed import get_context
-from classicnets.train.faults import SignalGuard
-from classicnets.train.loop import (
-    FiniteCheck,
-    TrainClock,
-    end_step,
-    finish_step,
-    resume_variant,
-    save_checkpoint,
-)
-from classicnets.train.params import param_groups
-from classicnets.train.precision import Precision, maybe_compile
+from classicnets.train.fit import EvalHook, SettingsTask, fit
 from classicnets.train.run import RunDir
-from classicnets.train.settings import (
-    ClassificationData,
-    TrainSettings,
-    make_optimizer,
-    make_schedule_from_settings,
-)
-from classicnets.train.state import TrainState
+from classicnets.train.settings import ClassificationData, TrainSettings
 
-__all__ = ["evaluate_vae", "evaluation_noise", "train_vae"]
+__all__ = ["VAETask", "evaluate_vae", "evaluation_noise", "train_vae"]
 
-EvalHook = Callable[[nn.Module], dict[str, Any]]
 _TERMS = ("loss", "recon", "kl")
 
 
@@ -97,6 +77,64 @@ def evaluate_vae(
     return metrics
 
 
+class VAETask(SettingsTask):
+    """One step on the (annealed) negative ELBO of a shuffled batch; the interval's means of the
+    objective's terms."""
+
+    values = _TERMS
+
+    def __init__(
+        self,
+        model: VAE,
+        data: ClassificationData,
+        settings: TrainSettings,
+        reconstruction: str,
+        eval_seed: int,
+        eval_hooks: list[EvalHook] | None,
+        kl_warmup_steps: int,
+    ) -> None:
+        device = data.train_x.device
+        super().__init__(model, len(data.train_x), settings, device, eval_hooks,
+                         result_keys=(*_TERMS, "neg_elbo"))  # fmt: skip
+        self.data = data
+        self.reconstruction = reconstruction
+        self.eval_seed = eval_seed
+        self.kl_warmup_steps = kl_warmup_steps
+
+    def train_step(self, step: int) -> dict[str, Tensor]:
+        index = self.next_batch(step)
+        xb = self.data.train_x[index]
+        yb = self.data.train_y[index] if self.model.conditional else None
+        with self.precision.autocast():
+            output = self.train_model(xb, yb)
+        terms = vae_loss(output, xb, self.reconstruction)
+        objective = terms["loss"]
+        if step < self.kl_warmup_steps:  # KL annealing: a pure function of the step
+            objective = terms["recon"] + (step + 1) / self.kl_warmup_steps * terms["kl"]
+        norm = self.optimize(objective)
+        self.precision.update()
+        out = {k: terms[k].detach() for k in _TERMS}
+        if norm is not None:
+            out["grad_norm"] = norm
+        return out
+
+    def train_records(self, window: dict[str, Tensor], step: int) -> list[dict[str, Any]]:
+        n = len(window["loss"])
+        means = (torch.stack([window[k] for k in _TERMS]).double().sum(dim=1) / n).tolist()
+        record = self.mean_record(window, means[0])
+        record.update(zip(_TERMS, means))
+        return [record]
+
+    def test_metrics(self) -> dict[str, float]:
+        data = self.data
+        y = data.test_y if self.model.conditional else None
+        return evaluate_vae(self.model, data.test_x, y, self.reconstruction, self.eval_seed,
+                            self.settings.eval_batch_size)  # fmt: skip
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.2f}", "kl": f"{record['kl']:.2f}"}
+
+
 def train_vae(
     model: VAE,
     data: ClassificationData,
@@ -115,8 +153,7 @@ def train_vae(
     Args:
         model: the (conditional) VAE, on the data's device, initialized from the seed.
         data: whole splits; images float ``[N, 1, 28, 28]`` in [0, 1], labels ``[N]``.
-        settings: steps, optimizer, schedule, precision, intervals (``TrainSettings``; the
-            ``sync_bn`` and ``channels_last`` switches do not apply to this MLP).
+        settings: steps, optimizer, schedule, precision, intervals (``TrainSettings``).
         run: the run folder to log to and checkpoint into (None: no files).
         variant: the model's name within the run (checkpoint prefix, ``variant`` of metrics).
         reconstruction: ``"bce"`` or ``"mse"`` (``models.vae.reconstruction_loss``).
@@ -137,123 +174,5 @@ def train_vae(
             before that step, stays intact).
         StopRequested: on SIGINT/SIGTERM, after writing a checkpoint.
     """
-    if get_context().enabled:
-        raise RuntimeError("the VAE loop runs in one process; torchrun/DDP is not supported")
-    device = data.train_x.device
-    hooks = eval_hooks or []
-    precision = Precision(settings.precision, str(device))
-    optimizer = make_optimizer(param_groups(model, weight_decay=settings.weight_decay), settings)
-    schedule = make_schedule_from_settings(settings)
-    batches = ShuffledBatches(len(data.train_x), settings.batch_size, settings.seed, device=device)
-    state = TrainState({"model": model}, {"model": optimizer}, {"lr": schedule}, precision, batches)
-    log_every = max(1, settings.log_every)
-    # Row t % log_every holds the loss, recon and kl of step t (resumed mid-interval intact).
-    state.extra_tensors = {"loss_buffer": torch.zeros(3, log_every, device=device)}
-    state.extra = {"train_time_s": 0.0, "last_train_loss": None}
-
-    def final_eval(prefix: str) -> dict[str, Any]:
-        y = data.test_y if model.conditional else None
-        metrics = evaluate_vae(
-            model, data.test_x, y, reconstruction, eval_seed, settings.eval_batch_size
-        )
-        out = {f"{prefix}{k}": v for k, v in metrics.items()}
-        model.eval()
-        with torch.no_grad():
-            for hook in hooks:
-                out.update(hook(model))
-        model.train()
-        return out
-
-    if resume and run is not None:
-        resume_variant(state, run, variant, device)
-        if state.complete:
-            return {
-                "step": state.step,
-                "complete": True,
-                "train_time_s": state.extra["train_time_s"],
-                **final_eval("test_"),
-            }
-
-    train_model = maybe_compile(model, settings.compile)
-    buffer = state.extra_tensors["loss_buffer"]
-    clock = TrainClock(state.extra["train_time_s"])
-    check_finite = FiniteCheck(
-        variant, state.step, device, log_every, lambda idx: buffer[0, idx], extra=state.extra
-    )
-
-    def checkpoint() -> str | None:
-        return save_checkpoint(state, run, variant, settings.keep_checkpoints, clock, check_finite)
-
-    def log_eval(step: int) -> dict[str, Any]:
-        record = {"variant": variant, "step": step, "split": "test", **final_eval("")}
-        if run is not None:
-            run.log(record)
-        return record
-
-    last_eval = {}
-    if state.step == 0:  # step 0: the first point of each curve
-        with clock.paused():
-            last_eval = log_eval(0)
-    progress = _progress_bar(settings, state.step, variant)
-    stop_at = end_step(settings.steps, state.step, settings.stop_after)
-    try:
-        with SignalGuard() as guard:
-            while state.step < stop_at:
-                step = state.step
-                index = next(batches)
-                schedule.apply(optimizer, step, batches.epoch)
-                xb = data.train_x[index]
-                yb = data.train_y[index] if model.conditional else None
-                train_model.train()
-                with precision.autocast():
-                    output = train_model(xb, yb)
-                terms = vae_loss(output, xb, reconstruction)
-                objective = terms["loss"]
-                if step < kl_warmup_steps:
-                    objective = terms["recon"] + (step + 1) / kl_warmup_steps * terms["kl"]
-                optimizer.zero_grad(set_to_none=True)
-                precision.backward(objective)
-                if settings.clip_grad_norm:
-                    precision.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
-                precision.step(optimizer)
-                precision.update()
-                buffer[:, step % log_every] = torch.stack([terms[k].detach() for k in _TERMS])
-                state.step = step = step + 1
-                if step % log_every == 0 or step == settings.steps:
-                    check_finite(step)
-                    n = (step - 1) % log_every + 1
-                    means = (buffer[:, :n].double().sum(dim=1) / n).tolist()
-                    record = {"variant": variant, "step": step, "split": "train"}
-                    record.update(zip(_TERMS, means))
-                    record["lr"] = optimizer.param_groups[0]["lr"]
-                    if run is not None:
-                        run.log(record)
-                    state.extra["last_train_loss"] = means[0]
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{means[0]:.2f}", kl=f"{means[2]:.2f}")
-                        progress.update(n)
-                if step % settings.eval_every == 0 or step == settings.steps:
-                    with clock.paused():
-                        last_eval = log_eval(step)
-                    if hasattr(schedule, "observe") and state.extra["last_train_loss"] is not None:
-                        schedule.observe(state.extra["last_train_loss"])
-                finish_step(
-                    state, step, settings.steps, settings.checkpoint_every, checkpoint, guard
-                )
-            if state.step < settings.steps:  # stopped early on request (stop_after)
-                checkpoint()
-    finally:
-        if progress is not None:
-            progress.close()
-    result = {"step": state.step, "complete": state.complete, "train_time_s": clock.elapsed()}
-    result.update({f"test_{k}": v for k, v in last_eval.items() if k in (*_TERMS, "neg_elbo")})
-    return result
-
-
-def _progress_bar(settings: TrainSettings, start: int, variant: str):
-    if not settings.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=settings.steps, initial=start, desc=variant, unit="step", dynamic_ncols=True)
+    task = VAETask(model, data, settings, reconstruction, eval_seed, eval_hooks, kl_warmup_steps)
+    return fit(task, run, variant, resume)
