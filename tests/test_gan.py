@@ -19,31 +19,30 @@ from safetensors.torch import load_file
 from classicnets.cli import main
 from classicnets.experiments import resume_experiment, run_experiment
 from classicnets.experiments.common import load_trained_models
+from classicnets.metrics.diversity import diversity, mean_pairwise_distance
 from classicnets.models.gan import GAN
-from classicnets.train.checkpoint import list_checkpoints, load_checkpoint
-from classicnets.train.faults import StopRequested
-from classicnets.train.gan import (
-    GANMonitor,
-    GANSettings,
-    GANTrainingWarning,
+from classicnets.report.grid import (
     GridSpec,
-    discriminator_loss,
-    discriminator_step,
-    discriminator_wins,
-    diversity,
-    gan_train_step,
     generate_grid,
-    generator_loss,
-    generator_step,
     grid_image,
-    loss_floor,
-    make_gan_optimizers,
-    mean_pairwise_distance,
     read_grid_cell,
     regenerate_cell,
     save_grid,
+)
+from classicnets.train.checkpoint import list_checkpoints, load_checkpoint
+from classicnets.train.faults import StopRequested
+from classicnets.train.gan import (
+    GANSettings,
+    discriminator_loss,
+    discriminator_step,
+    gan_train_step,
+    generator_loss,
+    generator_step,
+    loss_floor,
+    make_gan_optimizers,
     train_gan,
 )
+from classicnets.train.gan_monitor import GANMonitor, GANTrainingWarning, discriminator_wins
 from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.run import RunDir
 

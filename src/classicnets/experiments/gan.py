@@ -96,7 +96,7 @@ class GANConfig(TrainingOptions):
     scorer_cache: str | None = None  # where the in-run CNN is cached; None: RUN_DIR/scorer
     quick_scorer: bool = False  # train the CNN scorer briefly (tests)
     checkpoint_every: int = 2000
-    # Warnings (train.gan.GANMonitor): D wins outright / samples collapse.
+    # Warnings (train.gan_monitor.GANMonitor): D wins outright / samples collapse.
     win_fake_below: float = 0.01
     win_loss_below: float = 0.1
     win_window: int = 3
@@ -523,9 +523,9 @@ def sample(config: GANConfig, run_dir: RunDir, device: str, request: SampleReque
     A conditional generator draws one row per digit with ``request.n`` columns, or one row of
     ``request.label``; an unconditional one draws ``request.n`` samples in rows of 10. Cell
     (row, column) has noise seed ``request.seed + column`` (conditional) or ``request.seed +
-    index`` (``train.gan.GridSpec``); the JSON beside the PNG lists every cell's seed and label.
+    index`` (``report.grid.GridSpec``); the JSON beside the PNG lists every cell's seed and label.
     """
-    from classicnets.train.gan import GridSpec, generate_grid, save_grid
+    from classicnets.report.grid import GridSpec, generate_grid, save_grid
 
     if request.prompt is not None or request.temperature != 1.0:
         raise ExperimentError("--prompt and --temperature are for language models")
