@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from classicnets.train import loop
+from classicnets.train.fit import Cadence
 from classicnets.train.loop import (
     FiniteCheck,
     NonFiniteLossError,
     TrainClock,
-    checkpoint_due,
-    end_step,
 )
 
 
@@ -94,9 +93,10 @@ def test_train_clock_leaves_out_paused_spans(monkeypatch):
     [(100, 0, None, 100), (100, 30, 20, 50), (100, 90, 20, 100), (100, 0, 0, 0)],
 )
 def test_end_step(steps, start, stop_after, expected):
-    assert end_step(steps, start, stop_after) == expected
+    assert Cadence(steps, stop_after=stop_after).stop_step(start) == expected
 
 
 def test_checkpoint_due():
-    assert [s for s in range(1, 26) if checkpoint_due(s, 25, 10)] == [10, 20, 25]
-    assert [s for s in range(1, 26) if checkpoint_due(s, 25, 0)] == [25]
+    every_10, end_only = Cadence(25, checkpoint_every=10), Cadence(25, checkpoint_every=0)
+    assert [s for s in range(1, 26) if every_10.checkpoint_due(s)] == [10, 20, 25]
+    assert [s for s in range(1, 26) if end_only.checkpoint_due(s)] == [25]

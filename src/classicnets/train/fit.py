@@ -87,6 +87,21 @@ class Cadence:
         """The length of the ring buffers (the longest log interval)."""
         return max(1, self.log_every)
 
+    def stop_step(self, start: int) -> int:
+        """Where a session that starts at ``start`` stops: the last step, or ``stop_after``
+        steps on if that comes first."""
+        return self.steps if self.stop_after is None else min(self.steps, start + self.stop_after)
+
+    def log_due(self, step: int) -> bool:
+        return step % self.ring == 0 or step == self.steps
+
+    def eval_due(self, step: int) -> bool:
+        return step in (0, self.steps) or bool(self.eval_every and step % self.eval_every == 0)
+
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.checkpoint_every
+        return step == self.steps or bool(every and step % every == 0)
+
 
 def optimize(
     loss: Tensor,
@@ -203,15 +218,13 @@ class Task:
     # ---- cadence and hooks, overridden where a paradigm differs --------------------------------
 
     def log_due(self, step: int) -> bool:
-        return step % self.cadence.ring == 0 or step == self.cadence.steps
+        return self.cadence.log_due(step)
 
     def eval_due(self, step: int) -> bool:
-        every = self.cadence.eval_every
-        return step in (0, self.cadence.steps) or bool(every and step % every == 0)
+        return self.cadence.eval_due(step)
 
     def checkpoint_due(self, step: int) -> bool:
-        every = self.cadence.checkpoint_every
-        return step == self.cadence.steps or bool(every and step % every == 0)
+        return self.cadence.checkpoint_due(step)
 
     def after_resume(self, resumed: bool) -> dict[str, Any] | None:
         """Called after the checkpoint is restored (``resumed``) or found missing, before the
@@ -300,9 +313,7 @@ def fit(
     if state.step == 0 and task.eval_due(0):  # the first point of each curve
         evaluate(0)
     progress = _progress_bar(cadence, state.step, variant) if context.is_main else None
-    stop_at = cadence.steps
-    if cadence.stop_after is not None:
-        stop_at = min(stop_at, state.step + cadence.stop_after)
+    stop_at = cadence.stop_step(state.step)
     try:
         with SignalGuard() as guard:
             while state.step < stop_at:

@@ -33,6 +33,11 @@ stops the model with status ``"diverged"``; the step, epoch and value are logged
 models. Losses are checked at every log interval and before every checkpoint, so a checkpoint
 never holds a diverged model.
 
+``fit`` drives the step (``LanguageModelTask``): the epoch structure and the carried hidden state
+are the task's state, saved in every checkpoint. Under ``torchrun`` each process trains on its
+rows of the batchified stream (``batch_size`` is the global number of rows); checkpoints hold
+the hidden state of every row, so a run resumes with any number of processes.
+
 Metrics records (``metrics.jsonl``) all carry ``variant``, ``epoch`` (1-based), ``step`` (global,
 counted from the start of training) and ``split``:
 
@@ -51,21 +56,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classicnets.data.ptb import batchify, evaluation_rows, num_windows, window
 from classicnets.models.rnnlm import Hidden, detach_hidden
-from classicnets.train.distributed import get_context
-from classicnets.train.faults import SignalGuard, StopRequested
-from classicnets.train.loop import (
-    FiniteCheck,
-    TrainClock,
-    end_step,
-    resume_variant,
-    save_checkpoint,
-    truncate_after,
-)
+from classicnets.train.fit import Cadence, Task, fit, optimize
+from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.precision import Precision
 from classicnets.train.run import RunDir
 from classicnets.train.schedules import ExponentialAfterEpoch
@@ -73,6 +71,7 @@ from classicnets.train.state import TrainState
 
 __all__ = [
     "LMTrainSettings",
+    "LanguageModelTask",
     "evaluate_perplexity",
     "perplexity",
     "token_nll",
@@ -206,14 +205,6 @@ def evaluate_perplexity(
     return perplexity(total_nll, count), total_nll, count
 
 
-class _Diverged(Exception):
-    def __init__(self, step: int, loss: float, grad_norm: float | None) -> None:
-        super().__init__(f"non-finite training loss {loss} (grad norm {grad_norm}) at step {step}")
-        self.step = step
-        self.loss = loss
-        self.grad_norm = grad_norm
-
-
 def _diverged_record(run: RunDir | None, variant: str) -> dict[str, Any] | None:
     if run is None:
         return None
@@ -221,6 +212,190 @@ def _diverged_record(run: RunDir | None, variant: str) -> dict[str, Any] | None:
         if record.get("variant") == variant and record.get("split") == "diverged":
             return record
     return None
+
+
+def _parts(hidden: Hidden) -> list[Tensor]:
+    return [hidden] if isinstance(hidden, Tensor) else list(hidden)
+
+
+class LanguageModelTask(Task):
+    """One window of truncated BPTT, the hidden state carried to the next; an epoch's end logs
+    the training perplexity and evaluates the validation and test streams."""
+
+    values = ("nll", "grad_norm")
+    watch = {"nll": "loss", "grad_norm": "grad_norm"}
+    losses = ("nll",)
+    buffer_dtype = torch.float64
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_ids: Tensor,
+        settings: LMTrainSettings,
+        run: RunDir | None,
+        variant: str,
+        valid_ids: Tensor | None,
+        test_ids: Tensor | None,
+    ) -> None:
+        super().__init__(next(model.parameters()).device)
+        self.model, self.settings, self.run, self.variant = model, settings, run, variant
+        self.global_batch = settings.batch_size
+        data = batchify(train_ids.to(self.device), settings.batch_size)  # [B, L]
+        self.steps_per_epoch = num_windows(data.shape[1], settings.num_steps)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training stream ({len(train_ids)} tokens) is too short for batch_size "
+                f"{settings.batch_size}"
+            )
+        self.data = data[self.local]  # this process's rows
+        self.rows = len(self.data)
+        self.evaluations = [
+            (split, ids.to(self.device))
+            for split, ids in (("valid", valid_ids), ("test", test_ids))
+            if ids is not None
+        ]
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
+        self.schedule = ExponentialAfterEpoch(settings.lr_decay, settings.epochs_at_full_lr)
+        self.precision = Precision(settings.precision, str(self.device))
+        self.modules = {"model": model}
+        self.optimizers = {"model": self.optimizer}
+        self.schedules = {"lr": self.schedule}
+        self.hidden: Hidden = model.init_hidden(self.rows)
+        self.tensors = {
+            "epoch_nll": torch.zeros((), dtype=torch.float64, device=self.device),
+            **{
+                f"hidden.{i}": h
+                for i, h in enumerate(_parts(model.init_hidden(settings.batch_size)))
+            },
+        }
+        self.extra = {
+            "log_tokens": 0,
+            "epoch_tokens": 0,
+            "train_perplexity": None,
+            "last_eval": {},
+            "tokens_seen": 0,
+        }
+        self.cadence = Cadence(
+            steps=settings.epochs * self.steps_per_epoch,
+            log_every=settings.log_every,
+            checkpoint_every=settings.checkpoint_every,
+            keep_checkpoints=settings.keep_checkpoints,
+            progress=settings.progress,
+            stop_after=settings.stop_after,
+        )
+
+    def train_step(self, step: int) -> dict[str, Tensor]:
+        settings, extra = self.settings, self.state.extra
+        epoch_nll = self.state.extra_tensors["epoch_nll"]
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if index == 0:  # each epoch starts from the zero state (TF tutorial)
+            self.hidden = self.model.init_hidden(self.rows)
+            epoch_nll.zero_()
+            extra["epoch_tokens"] = 0
+        inputs, targets = window(self.data, index, settings.num_steps)  # [B, n], [B, n]
+        self.schedule.apply(self.optimizer, step, epoch)
+        self.model.train()
+        hidden = detach_hidden(self.hidden)  # truncated BPTT: no gradient into the last window
+        with self.precision.autocast():
+            logits, self.hidden = self.model(inputs, hidden)  # [B, n, V]
+        nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )  # [B * n, V] -> summed NLL of the window
+        loss = nll / self.rows  # sum over time steps, mean over rows (TF)
+        clip, params = settings.clip_grad_norm, self.model.parameters()
+        norm = optimize(loss, self.optimizer, self.precision, clip, params)
+        self.precision.update()
+        epoch_nll += nll.detach().double()
+        for key in ("log_tokens", "epoch_tokens", "tokens_seen"):
+            extra[key] += targets.numel()
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        return {"nll": nll.detach().double(), "grad_norm": zero if norm is None else norm.double()}
+
+    def log_due(self, step: int) -> bool:
+        return step % self.cadence.ring == 0 or step % self.steps_per_epoch == 0
+
+    def eval_due(self, step: int) -> bool:
+        return step > 0 and step % self.steps_per_epoch == 0
+
+    def checkpoint_due(self, step: int) -> bool:
+        return super().checkpoint_due(step) or step % self.steps_per_epoch == 0
+
+    def _epoch(self, step: int) -> int:
+        """The 1-based epoch that step ``step`` (1-based) belongs to."""
+        return (step - 1) // self.steps_per_epoch + 1
+
+    def train_records(self, window: dict[str, Tensor], step: int) -> list[dict[str, Any]]:
+        extra = self.state.extra
+        mean_nll = window["nll"].sum().item() / extra["log_tokens"]
+        record = {
+            "epoch": self._epoch(step),
+            "split": "train",
+            "loss": mean_nll,
+            "perplexity": _exp(mean_nll),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if self.settings.clip_grad_norm:
+            record["grad_norm"] = window["grad_norm"].sum().item() / len(window["grad_norm"])
+        extra["log_tokens"] = 0
+        return [record]
+
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        return {"ppl": f"{record['perplexity']:.1f}", "epoch": str(record["epoch"])}
+
+    def evaluate(self, step: int) -> list[dict[str, Any]]:
+        extra, epoch = self.state.extra, self._epoch(step)
+        epoch_nll = self.state.extra_tensors["epoch_nll"]
+        if self.context.enabled:  # every process's rows
+            epoch_nll = epoch_nll.clone()
+            dist.all_reduce(epoch_nll)
+            epoch_nll /= self.context.world_size
+        train_nll = epoch_nll.item() / extra["epoch_tokens"]
+        extra["train_perplexity"] = _exp(train_nll)
+        records = [{
+            "epoch": epoch,
+            "split": "train_epoch",
+            "loss": train_nll,
+            "perplexity": _exp(train_nll),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": extra["epoch_tokens"] * self.context.world_size,
+        }]  # fmt: skip
+        settings = self.settings
+        for split, ids in self.evaluations:
+            ppl, total, count = evaluate_perplexity(
+                self.model, ids, settings.eval_batch_size, settings.eval_num_steps
+            )
+            records.append({"epoch": epoch, "split": split, "perplexity": ppl,
+                            "loss": total / count, "tokens": count})  # fmt: skip
+            extra["last_eval"][split] = ppl
+        extra["last_eval"]["epoch"] = epoch
+        return records
+
+    def after_resume(self, resumed: bool) -> dict[str, Any] | None:
+        record = _diverged_record(self.run, self.variant)
+        if record is not None:  # deterministic: training it again would diverge again
+            return _result(self.state, self.steps_per_epoch, "diverged", record)
+        if resumed:  # this process's rows of the hidden state carried into the next window
+            tensors = self.state.extra_tensors
+            parts = [tensors[f"hidden.{i}"][:, self.local] for i in range(len(_parts(self.hidden)))]
+            self.hidden = parts[0] if isinstance(self.hidden, Tensor) else tuple(parts)
+        return None
+
+    def before_checkpoint(self) -> None:
+        tensors = self.state.extra_tensors
+        for i, h in enumerate(_parts(self.hidden)):
+            h = h.detach()
+            if self.context.enabled:  # the rows of every process, in order
+                pieces = [torch.empty_like(h) for _ in range(self.context.world_size)]
+                dist.all_gather(pieces, h.contiguous())
+                h = torch.cat(pieces, dim=1)
+            tensors[f"hidden.{i}"] = h
+        if self.context.enabled:  # the mean of the processes' sums: the epoch's mean is kept
+            dist.all_reduce(tensors["epoch_nll"])
+            tensors["epoch_nll"] /= self.context.world_size
+
+    def result(self) -> dict[str, Any]:
+        status = "complete" if self.state.complete else "stopped"
+        return _result(self.state, self.steps_per_epoch, status)
 
 
 def train_language_model(
@@ -254,200 +429,18 @@ def train_language_model(
 
     Raises:
         StopRequested: on SIGINT/SIGTERM, after writing a checkpoint.
-        RuntimeError: under torchrun (this loop runs in one process).
     """
-    if get_context().enabled:
-        raise RuntimeError("the language-model loop runs in one process; start it without torchrun")
-    device = next(model.parameters()).device
-    data = batchify(train_ids.to(device), settings.batch_size)  # [B, L]
-    steps_per_epoch = num_windows(data.shape[1], settings.num_steps)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"the training stream ({len(train_ids)} tokens) is too short for batch_size "
-            f"{settings.batch_size}"
-        )
-    total_steps = settings.epochs * steps_per_epoch
-    evaluations = [
-        (split, ids.to(device))
-        for split, ids in (("valid", valid_ids), ("test", test_ids))
-        if ids is not None
-    ]
-    log_every = max(1, settings.log_every)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
-    schedule = ExponentialAfterEpoch(settings.lr_decay, settings.epochs_at_full_lr)
-    precision = Precision(settings.precision, str(device))
-    state = TrainState({"model": model}, {"model": optimizer}, {"lr": schedule}, precision)
-    hidden0 = model.init_hidden(settings.batch_size)
-    hidden_parts = [hidden0] if isinstance(hidden0, Tensor) else list(hidden0)
-    state.extra_tensors = {
-        "nll_buffer": torch.zeros(log_every, dtype=torch.float64, device=device),
-        "grad_norm_buffer": torch.zeros(log_every, dtype=torch.float64, device=device),
-        "epoch_nll": torch.zeros((), dtype=torch.float64, device=device),
-        **{f"hidden.{i}": h for i, h in enumerate(hidden_parts)},
-    }
-    state.extra = {
-        "train_time_s": 0.0,
-        "log_tokens": 0,
-        "epoch_tokens": 0,
-        "last_log_step": 0,
-        "train_perplexity": None,
-        "last_eval": {},
-        "tokens_seen": 0,
-    }
-    if resume and run is not None:
-        resumed_at = resume_variant(state, run, variant, device, truncate=False)
-        record = _diverged_record(run, variant)
-        if record is not None:  # deterministic: training it again would diverge again
-            return _result(state, steps_per_epoch, "diverged", record)
-        truncate_after(run, variant, resumed_at)
-        if state.complete:
-            return _result(state, steps_per_epoch, "complete")
-
-    tensors = state.extra_tensors
-    nll_buffer, norm_buffer = tensors["nll_buffer"], tensors["grad_norm_buffer"]
-    epoch_nll = tensors["epoch_nll"]
-    hidden: Hidden = tuple(tensors[f"hidden.{i}"] for i in range(len(hidden_parts)))
-    if len(hidden_parts) == 1:
-        hidden = hidden[0]
-    clock = TrainClock(state.extra["train_time_s"])
-    clip = settings.clip_grad_norm
-    finite = FiniteCheck(
-        variant,
-        state.step,
-        device,
-        log_every,
-        lambda idx: torch.stack([nll_buffer[idx], norm_buffer[idx]], dim=1),  # (k, 2)
-        extra=state.extra,
-    )
-
-    def check_finite(step: int) -> None:
-        """Raise ``_Diverged`` if a loss or gradient norm since the last check is not finite."""
-        found = finite.first_bad(step)
-        if found is not None:
-            bad_step, _, values = found
-            row = values[bad_step - finite.checked_upto - 1]
-            raise _Diverged(bad_step, row[0].item(), row[1].item() if clip else None)
-
-    def checkpoint() -> str | None:
-        parts = [hidden] if isinstance(hidden, Tensor) else list(hidden)
-        tensors.update({f"hidden.{i}": h.detach() for i, h in enumerate(parts)})
-        return save_checkpoint(state, run, variant, settings.keep_checkpoints, clock, check_finite)
-
-    def log(record: dict[str, Any]) -> None:
+    task = LanguageModelTask(model, train_ids, settings, run, variant, valid_ids, test_ids)
+    try:
+        return fit(task, run, variant, resume)
+    except NonFiniteLossError as exc:
+        record = {"epoch": task._epoch(exc.step), "step": exc.step, "split": "diverged",
+                  "loss": exc.values["loss"]}  # fmt: skip
+        if settings.clip_grad_norm:
+            record["grad_norm"] = exc.values["grad_norm"]
         if run is not None:
             run.log({"variant": variant, **record})
-
-    progress = _progress_bar(settings, total_steps, state.step, variant)
-    stop_at = end_step(total_steps, state.step, settings.stop_after)
-    saved: tuple[int, str | None] = (-1, None)  # (step, path) of the newest checkpoint
-    try:
-        with SignalGuard() as guard:
-            while state.step < stop_at:
-                step = state.step
-                epoch, index = divmod(step, steps_per_epoch)
-                if index == 0:  # each epoch starts from the zero state (TF tutorial)
-                    hidden = model.init_hidden(settings.batch_size)
-                    epoch_nll.zero_()
-                    state.extra["epoch_tokens"] = 0
-                inputs, targets = window(data, index, settings.num_steps)  # [B, n], [B, n]
-                schedule.apply(optimizer, step, epoch)
-                model.train()
-                hidden = detach_hidden(hidden)  # truncated BPTT: no gradient into the last window
-                with precision.autocast():
-                    logits, hidden = model(inputs, hidden)  # [B, n, V]
-                nll = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]),
-                    targets.reshape(-1),
-                    reduction="sum",
-                )  # [B * n, V] -> summed NLL of the window
-                loss = nll / settings.batch_size  # sum over time steps, mean over rows (TF)
-                optimizer.zero_grad(set_to_none=True)
-                precision.backward(loss)
-                if clip:
-                    precision.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                    norm_buffer[step % log_every] = norm.detach().double()
-                precision.step(optimizer)
-                precision.update()
-                nll_buffer[step % log_every] = nll.detach().double()
-                epoch_nll += nll.detach().double()
-                state.extra["log_tokens"] += targets.numel()
-                state.extra["epoch_tokens"] += targets.numel()
-                state.extra["tokens_seen"] += targets.numel()
-                state.step = step = step + 1
-                epoch_end = step % steps_per_epoch == 0
-
-                if step % log_every == 0 or epoch_end:
-                    check_finite(step)
-                    last = state.extra["last_log_step"]
-                    idx = torch.arange(last, step, device=device) % log_every
-                    sums = torch.stack([nll_buffer[idx].sum(), norm_buffer[idx].sum()]).tolist()
-                    mean_nll = sums[0] / state.extra["log_tokens"]
-                    record = {
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "split": "train",
-                        "loss": mean_nll,
-                        "perplexity": _exp(mean_nll),
-                        "lr": optimizer.param_groups[0]["lr"],
-                    }
-                    if clip:
-                        record["grad_norm"] = sums[1] / (step - last)
-                    log(record)
-                    state.extra["log_tokens"] = 0
-                    state.extra["last_log_step"] = step
-                    if progress is not None:
-                        progress.set_postfix(ppl=f"{record['perplexity']:.1f}", epoch=epoch + 1)
-                        progress.update(step - last)
-
-                if epoch_end:
-                    with clock.paused():  # the epoch's evaluations
-                        train_nll = epoch_nll.item() / state.extra["epoch_tokens"]
-                        state.extra["train_perplexity"] = _exp(train_nll)
-                        log(
-                            {
-                                "epoch": epoch + 1,
-                                "step": step,
-                                "split": "train_epoch",
-                                "loss": train_nll,
-                                "perplexity": _exp(train_nll),
-                                "lr": optimizer.param_groups[0]["lr"],
-                                "tokens": state.extra["epoch_tokens"],
-                            }
-                        )
-                        for split, ids in evaluations:
-                            ppl, total, count = evaluate_perplexity(
-                                model, ids, settings.eval_batch_size, settings.eval_num_steps
-                            )
-                            record = {"epoch": epoch + 1, "step": step, "split": split}
-                            record.update(perplexity=ppl, loss=total / count, tokens=count)
-                            log(record)
-                            state.extra["last_eval"][split] = ppl
-                        state.extra["last_eval"]["epoch"] = epoch + 1
-
-                state.complete = step == total_steps
-                periodic = settings.checkpoint_every and step % settings.checkpoint_every == 0
-                if state.complete or epoch_end or periodic:
-                    saved = (step, checkpoint())
-                if guard.received:
-                    path = saved[1] if saved[0] == step else checkpoint()
-                    raise StopRequested(guard.received, step, path)
-            if state.step < total_steps and saved[0] != state.step:  # stop_after
-                checkpoint()
-    except _Diverged as d:
-        state.extra["train_time_s"] = clock.elapsed()
-        epoch = (d.step - 1) // steps_per_epoch + 1
-        record = {"epoch": epoch, "step": d.step, "split": "diverged", "loss": d.loss}
-        if d.grad_norm is not None:
-            record["grad_norm"] = d.grad_norm
-        log(record)
-        return _result(state, steps_per_epoch, "diverged", record)
-    finally:
-        if progress is not None:
-            progress.close()
-    state.extra["train_time_s"] = clock.elapsed()
-    return _result(state, steps_per_epoch, "complete" if state.complete else "stopped")
+        return _result(task.state, task.steps_per_epoch, "diverged", record)
 
 
 def _result(
@@ -479,11 +472,3 @@ def _result(
         "tokens_per_s": tokens / train_time if train_time > 0 else None,
         "diverged": diverged,
     }
-
-
-def _progress_bar(settings: LMTrainSettings, total: int, start: int, variant: str):
-    if not settings.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc=variant, unit="step", dynamic_ncols=True)

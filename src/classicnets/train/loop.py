@@ -1,7 +1,4 @@
-"""What every training loop of classicnets shares around its step.
-
-The classifier, autoencoder, VAE, GAN and language-model loops differ in their step and their
-records, and agree on the rest, which lives here once:
+"""The parts of ``train.fit``'s frame that stand alone:
 
 - ``resume_variant``: load the newest valid checkpoint of one model of a run and drop from
   ``metrics.jsonl`` what that model logged after it, so the resumed run writes it again,
@@ -13,8 +10,6 @@ records, and agree on the rest, which lives here once:
   and each checkpoint, the check reads back the ones logged since the last check and raises on the
   first that is NaN or infinite, naming the step. A checkpoint therefore never holds a diverged
   model, and the newest one stays the last good state.
-- ``end_step``, ``checkpoint_due``, ``save_checkpoint`` and ``finish_step``: where a run stops
-  (``stop_after``), when it saves, and what a save and the end of a step do.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from classicnets.train.faults import SignalGuard, StopRequested
 from classicnets.train.run import RunDir
 from classicnets.train.state import TrainState
 
@@ -36,18 +30,20 @@ __all__ = [
     "FiniteCheck",
     "NonFiniteLossError",
     "TrainClock",
-    "checkpoint_due",
-    "end_step",
-    "finish_step",
     "resume_variant",
-    "save_checkpoint",
     "truncate_after",
 ]
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite, or exploded (``FiniteCheck``); the message
-    names the step and the value."""
+    names the step and the value, ``step`` is that step and ``values`` the watched values of
+    it (by name; NaN where another process found the bad value)."""
+
+    def __init__(self, message: str, step: int = 0, values: dict[str, float] | None = None):
+        super().__init__(message)
+        self.step = step
+        self.values = dict(values or {})
 
 
 # A loss this many times its first value has diverged, even while finite.
@@ -224,66 +220,20 @@ class FiniteCheck:
         first = self.checked_upto
         if column < 0:
             name, value = self.names[0], float("nan")
+            row = dict.fromkeys(self.names, float("nan"))
         else:
             name, value = self.names[column], values[bad_step - first - 1, column].item()
+            row = dict(zip(self.names, values[bad_step - first - 1].tolist()))
         if math.isfinite(value):
             initial = self.extra["initial_losses"][self.losses.index(column)]
-            raise NonFiniteLossError(
+            message = (
                 f"{self.variant}: {name} is {value:.4g} at step {bad_step}, over {EXPLOSION:.0e} "
                 f"times its first value {initial:.4g}: diverged; stopped. The newest checkpoint "
                 f"(written before that step) is kept intact."
             )
-        raise NonFiniteLossError(
-            f"{self.variant}: {name} is {value} at step {bad_step}; stopped. The newest checkpoint "
-            f"(written before that step) is kept intact."
-        )
-
-
-def end_step(steps: int, start: int, stop_after: int | None) -> int:
-    """The step this session of a run stops at: ``steps``, or ``stop_after`` steps from
-    ``start`` if that comes first (``stop_after`` simulates a kill, for tests and demos)."""
-    return steps if stop_after is None else min(steps, start + stop_after)
-
-
-def checkpoint_due(step: int, steps: int, every: int) -> bool:
-    """Whether the loop checkpoints after ``step``: at the end, and every ``every`` steps
-    (``every`` = 0: only at the end)."""
-    return step == steps or bool(every and step % every == 0)
-
-
-def save_checkpoint(
-    state: TrainState,
-    run: RunDir | None,
-    variant: str,
-    keep_last: int,
-    clock: TrainClock,
-    check_finite: Callable[[int], None],
-) -> str | None:
-    """Check the losses logged since the last check (raising before anything is written), then
-    save ``state`` with its training time as the newest checkpoint of ``variant``.
-
-    Returns:
-        The checkpoint's path, or None without a run folder.
-    """
-    check_finite(state.step)
-    if run is None:
-        return None
-    state.extra["train_time_s"] = clock.elapsed()
-    return str(state.save(run.checkpoints, variant, keep_last=keep_last))
-
-
-def finish_step(
-    state: TrainState,
-    step: int,
-    steps: int,
-    checkpoint_every: int,
-    checkpoint: Callable[[], str | None],
-    guard: SignalGuard,
-) -> None:
-    """The end of a step: mark the run complete at the last one, checkpoint when due, and after a
-    SIGINT/SIGTERM checkpoint and raise ``StopRequested``."""
-    state.complete = step == steps
-    if checkpoint_due(step, steps, checkpoint_every):
-        checkpoint()
-    if guard.received:
-        raise StopRequested(guard.received, step, checkpoint())
+        else:
+            message = (
+                f"{self.variant}: {name} is {value} at step {bad_step}; stopped. The newest "
+                f"checkpoint (written before that step) is kept intact."
+            )
+        raise NonFiniteLossError(message, bad_step, row)
