@@ -167,6 +167,8 @@ def run(
         if not results[variant]["complete"]:
             break  # stopped on request: the next variant starts when the run is resumed
     summary = _summary(config, results, clock.elapsed(), device, steps)
+    if not run_dir.writer:  # rank > 0 of a torchrun job
+        return summary
     write_plots(run_dir)
     reconstruction_grid(
         run_dir.plots / "reconstructions.png",

@@ -55,6 +55,8 @@ def scoring_classifier(
         return _scorer_from_run(classifier_run, device)
     from safetensors.torch import load_file
 
+    from classicnets.train.distributed import get_context
+
     name = "cnn-quick" if quick else "cnn"
     weights_path = Path(cache_dir) / f"{name}.safetensors" if cache_dir is not None else None
     info_path = weights_path.with_suffix(".json") if weights_path is not None else None
@@ -67,7 +69,7 @@ def scoring_classifier(
             return ScoringClassifier(model, device, str(weights_path), info.get("test_accuracy"))
     model, info = _train_scorer(data_dir, device, download, quick)
     source = "trained in memory"
-    if weights_path is not None:
+    if weights_path is not None and get_context().is_main:  # one writer under torchrun
         from safetensors.torch import save
 
         from classicnets.files import atomic_write_bytes, atomic_write_text

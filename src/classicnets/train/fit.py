@@ -27,7 +27,9 @@ A paradigm's file (``train/classifier.py``, ``autoencoder.py``, ``vae.py``, ``ga
   processes after every backward pass, the all-reduce that ``DistributedDataParallel`` does,
   made explicit so that it also covers a GAN's two networks and a language model's carried
   state; the interval values are averaged over the processes; BN running statistics are
-  averaged before every evaluation and checkpoint (``sync_bn_buffers``); only rank 0 writes.
+  averaged before every evaluation and checkpoint (``sync_bn_buffers``), and so are the ring
+  buffers before a checkpoint (rank 0 writes it, every process resumes from it); only rank 0
+  writes.
 
 Precision, ``torch.compile`` and channels-last belong to ``SettingsTask``, the base of the tasks
 configured by ``TrainSettings`` (classifier, autoencoder, VAE).
@@ -302,6 +304,10 @@ def fit(
             return saved[1]
         check_finite(state.step)
         sync_buffers()
+        if context.enabled:  # the interval's values so far, the same on every process
+            for buffer in buffers.values():
+                torch.distributed.all_reduce(buffer)
+                buffer /= context.world_size  # exact again for values already averaged
         task.before_checkpoint()
         path = None
         if run is not None and context.is_main:

@@ -105,8 +105,12 @@ class VAETask(SettingsTask):
         index = self.next_batch(step)
         xb = self.data.train_x[index]
         yb = self.data.train_y[index] if self.model.conditional else None
+        noise = None  # one process: the model draws it from the global generator
+        if self.context.enabled:  # the global batch's draws, this process's rows of them
+            noise = torch.randn(self.global_batch, self.model.latent_size, device=self.device)
+            noise = noise[self.local]
         with self.precision.autocast():
-            output = self.train_model(xb, yb)
+            output = self.train_model(xb, yb, noise=noise)
         terms = vae_loss(output, xb, self.reconstruction)
         objective = terms["loss"]
         if step < self.kl_warmup_steps:  # KL annealing: a pure function of the step
