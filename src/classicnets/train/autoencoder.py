@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classicnets.data.batching import iterate_in_order
-from classicnets.train.fit import SettingsTask, fit
+from classicnets.train.fit import fit
 from classicnets.train.precision import inputs_channels_last
 from classicnets.train.run import RunDir
-from classicnets.train.settings import TrainSettings
+from classicnets.train.settings import SettingsTask, TrainSettings
 
 __all__ = [
     "RECONSTRUCTION_LOSSES",

@@ -31,13 +31,12 @@ A paradigm's file (``train/classifier.py``, ``autoencoder.py``, ``vae.py``, ``ga
   buffers before a checkpoint (rank 0 writes it, every process resumes from it); only rank 0
   writes.
 
-Precision, ``torch.compile`` and channels-last belong to ``SettingsTask``, the base of the tasks
-configured by ``TrainSettings`` (classifier, autoencoder, VAE).
+Precision, ``torch.compile`` and channels-last belong to ``settings.SettingsTask``, the base of
+the tasks configured by ``TrainSettings`` (classifier, autoencoder, VAE).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,19 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches
-from classicnets.nn.batchnorm import convert_sync_batchnorm
 from classicnets.train.distributed import average_gradients, get_context, sync_bn_buffers
 from classicnets.train.faults import SignalGuard, StopRequested
 from classicnets.train.loop import FiniteCheck, TrainClock, resume_variant, truncate_after
-from classicnets.train.params import param_groups
-from classicnets.train.precision import Precision, maybe_channels_last, maybe_compile
+from classicnets.train.precision import Precision
 from classicnets.train.run import RunDir
-from classicnets.train.settings import TrainSettings, make_optimizer, make_schedule_from_settings
 from classicnets.train.state import TrainState
 
-__all__ = ["Cadence", "SettingsTask", "Task", "fit", "optimize"]
-
-EvalHook = Callable[[nn.Module], dict[str, Any]]
+__all__ = ["Cadence", "Task", "fit", "optimize"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +77,19 @@ class Cadence:
     keep_checkpoints: int = 2
     progress: bool = True
     stop_after: int | None = None
+
+    @classmethod
+    def of(cls, settings: Any) -> Cadence:
+        """The cadence that ``TrainSettings`` or ``GANSettings`` set (fields of the same names)."""
+        return cls(
+            steps=settings.steps,
+            log_every=settings.log_every,
+            eval_every=settings.eval_every,
+            checkpoint_every=settings.checkpoint_every,
+            keep_checkpoints=settings.keep_checkpoints,
+            progress=settings.progress,
+            stop_after=settings.stop_after,
+        )
 
     @property
     def ring(self) -> int:
@@ -378,113 +385,3 @@ def _progress_bar(cadence: Cadence, start: int, variant: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=cadence.steps, initial=start, desc=variant, unit="step", dynamic_ncols=True)
-
-
-class SettingsTask(Task):
-    """The base of the tasks configured by ``TrainSettings`` (classifier, autoencoder, VAE): one
-    model, one optimizer and schedule from the settings, shuffled batches of the training split,
-    an evaluation on the test split with ``eval_hooks`` logged beside it, and the plateau
-    schedule fed with the training loss after each evaluation.
-
-    Here, once for the three: synchronized BN under ``torchrun`` (``sync_bn``), channels-last,
-    precision, ``torch.compile`` (the step runs ``self.train_model``; checkpoints hold
-    ``self.model``).
-
-    Args:
-        model: the model, on ``device``, initialized from the seed.
-        num_train: examples in the training split.
-        settings: the training settings.
-        device: where the model and data are.
-        eval_hooks: ``hook(model) -> dict`` called at every evaluation, in eval mode.
-        result_keys: the evaluation metrics that ``result`` returns, as ``test_<key>``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        num_train: int,
-        settings: TrainSettings,
-        device: torch.device | str,
-        eval_hooks: list[EvalHook] | None = None,
-        result_keys: tuple[str, ...] = ("loss",),
-    ) -> None:
-        super().__init__(device)
-        self.settings = settings
-        if settings.sync_bn and self.context.enabled:
-            model = convert_sync_batchnorm(model)
-        maybe_channels_last(model, settings.channels_last)
-        self.model = model
-        self.hooks = list(eval_hooks or [])
-        self.result_keys = result_keys
-        self.precision = Precision(settings.precision, str(device))
-        self.optimizer = make_optimizer(
-            param_groups(model, weight_decay=settings.weight_decay), settings
-        )
-        self.schedule = make_schedule_from_settings(settings)
-        self.batches = ShuffledBatches(num_train, settings.batch_size, settings.seed, device=device)
-        self.global_batch = settings.batch_size
-        self.modules = {"model": model}
-        self.optimizers = {"model": self.optimizer}
-        self.schedules = {"lr": self.schedule}
-        self.extra = {"last_train_loss": None, "last_eval": {}}
-        self.cadence = Cadence(
-            steps=settings.steps,
-            log_every=settings.log_every,
-            eval_every=settings.eval_every,
-            checkpoint_every=settings.checkpoint_every,
-            keep_checkpoints=settings.keep_checkpoints,
-            progress=settings.progress,
-            stop_after=settings.stop_after,
-        )
-        self.train_model = maybe_compile(model, settings.compile)
-        if settings.clip_grad_norm:
-            self.values = (*self.values, "grad_norm")
-
-    def next_batch(self, step: int) -> Tensor:
-        """The indices of this process's share of step ``step``'s batch, with the learning rate
-        of the step set."""
-        index = next(self.batches)
-        if self.context.enabled:
-            index = index[self.local]
-        self.schedule.apply(self.optimizer, step, self.batches.epoch)
-        if not self.train_model.training:  # an evaluation switched to eval(): back to train
-            self.train_model.train()
-        return index
-
-    def optimize(self, loss: Tensor) -> Tensor | None:
-        """``optimize`` with the settings' clipping of the model's parameters."""
-        clip = self.settings.clip_grad_norm
-        return optimize(loss, self.optimizer, self.precision, clip, self.model.parameters())
-
-    def test_metrics(self) -> dict[str, float]:
-        """The paradigm's evaluation on the test split (the model's mode restored after)."""
-        raise NotImplementedError
-
-    def evaluate(self, step: int) -> list[dict[str, Any]]:
-        record: dict[str, Any] = {"split": "test", **self.test_metrics()}
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            for hook in self.hooks:
-                record.update(hook(self.model))
-        self.model.train(was_training)
-        extra = self.state.extra
-        extra["last_eval"] = {k: record[k] for k in self.result_keys if k in record}
-        if step > 0 and hasattr(self.schedule, "observe") and extra["last_train_loss"] is not None:
-            self.schedule.observe(extra["last_train_loss"])  # plateau: the training loss
-        return [record]
-
-    def mean_record(self, window: dict[str, Tensor], loss: float) -> dict[str, Any]:
-        """The training record's common part: ``loss``, the learning rate, and the mean
-        gradient norm before clipping when clipping."""
-        record: dict[str, Any] = {"split": "train", "loss": loss}
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
-        if "grad_norm" in window:
-            record["grad_norm"] = window["grad_norm"].sum().item() / len(window["grad_norm"])
-        self.state.extra["last_train_loss"] = loss
-        return record
-
-    def result(self) -> dict[str, Any]:
-        out = super().result()
-        out.update({f"test_{k}": v for k, v in self.state.extra["last_eval"].items()})
-        return out

@@ -19,7 +19,6 @@ Training warns when the discriminator wins outright or the samples collapse
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from classicnets.train.gan_monitor import (
     DiversityProbe,
     GANMonitor,
     GANTrainingWarning,
+    loss_floor,
 )
 from classicnets.train.params import select_parameters
 from classicnets.train.precision import Precision
@@ -85,12 +85,6 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, real_label: flo
     if real_label != 1.0:
         real_term = real_label * real_term + (1.0 - real_label) * F.softplus(real_logits)
     return real_term.mean() + F.softplus(fake_logits).mean()
-
-
-def loss_floor(real_label: float) -> float:
-    """The smallest possible ``discriminator_loss``: the binary entropy of ``real_label`` (nats)."""
-    t = real_label
-    return 0.0 if t in (0.0, 1.0) else -(t * math.log(t) + (1 - t) * math.log(1 - t))
 
 
 def generator_loss(fake_logits: Tensor) -> Tensor:
@@ -191,14 +185,11 @@ def gan_train_step(
 
     Args:
         model: a ``models.gan.GAN`` (``model.generator``, ``model.discriminator``).
-        discriminator_optimizer: over D's parameters only.
-        generator_optimizer: over G's parameters only.
-        real: real images ``(N, 1, 28, 28)``.
-        z: latent noise ``(N, latent_size)``.
+        discriminator_optimizer, generator_optimizer: over D's, G's parameters only.
+        real, z: real images ``(N, 1, 28, 28)`` and latent noise ``(N, latent_size)``.
         labels: the real images' labels ``(N,)``, used for the generated batch too (conditional
             GAN), else None.
-        precision: autocast and gradient scaling (None: plain float32).
-        real_label: D's target for real images (``discriminator_loss``).
+        precision, real_label: as for ``discriminator_step``.
 
     Returns:
         ``{"d_loss", "g_loss", "d_real", "d_fake"}`` as detached 0-d tensors: the two losses and
@@ -263,16 +254,12 @@ class GANSettings:
         grid_columns: columns of the grid (per digit for a conditional GAN).
         grid_seed: base noise seed of the grid (``GridSpec``).
         eval_every: call the eval hook every this many steps (and at the end); 0: at the end only.
-        checkpoint_every: checkpoint every this many steps (and at the end); 0: end only.
-        keep_checkpoints: checkpoints kept.
+        checkpoint_every, keep_checkpoints, progress, stop_after: as ``fit.Cadence``'s.
         seed: seed of the data order (the caller seeds initialization and the noise stream).
         monitor_per_class: generated and real images per class in the diversity batch
             (unconditional: ten times this many in all).
         win_fake_below, win_loss_below, win_window, collapse_fraction, collapse_window,
-            monitor_after: the ``GANMonitor`` thresholds (``monitor_after`` is its
-            ``start_step``).
-        progress: show a tqdm progress bar.
-        stop_after: stop (with a checkpoint) after this many steps of this call, as if killed.
+            monitor_after: the ``GANMonitor`` thresholds (``monitor_after``: ``start_step``).
     """
 
     steps: int
@@ -327,41 +314,22 @@ class GANTask(Task):
         self.model, self.images, self.labels, self.settings = model, images, labels, settings
         self.grid_dir, self.variant, self.eval_hook = grid_dir, variant, eval_hook
         self.precision = Precision(settings.precision, str(self.device))
-        self.opt_d, self.opt_g = make_gan_optimizers(
-            model,
-            settings.lr_discriminator,
-            settings.lr_generator,
+        rates, betas = (
+            (settings.lr_discriminator, settings.lr_generator),
             (settings.beta1, settings.beta2),
         )
+        self.opt_d, self.opt_g = make_gan_optimizers(model, *rates, betas)
         self.batches = ShuffledBatches(len(images), settings.batch_size, settings.seed,
                                        device=self.device)  # fmt: skip
         self.global_batch = settings.batch_size
         self.modules = {"model": model}
         self.optimizers = {"discriminator": self.opt_d, "generator": self.opt_g}
         self.extra = {"last": {}, "last_eval": {}, "warnings": []}
-        self.cadence = Cadence(
-            steps=settings.steps,
-            log_every=settings.log_every,
-            eval_every=settings.eval_every,
-            checkpoint_every=settings.checkpoint_every,
-            keep_checkpoints=settings.keep_checkpoints,
-            progress=settings.progress,
-            stop_after=settings.stop_after,
-        )
-        self.monitor = GANMonitor(
-            settings.win_fake_below,
-            settings.win_loss_below,
-            settings.win_window,
-            settings.collapse_fraction,
-            settings.collapse_window,
-            settings.monitor_after,
-            loss_floor(settings.real_label),
-        )
-        columns, seed, latent = settings.grid_columns, settings.grid_seed, model.latent_size
-        if model.conditional:
-            self.spec = GridSpec(columns, seed, latent, model.num_classes)
-        else:
-            self.spec = GridSpec(columns, seed, latent, rows=10)
+        self.cadence = Cadence.of(settings)
+        self.monitor = GANMonitor.of(settings)
+        # One row per digit (conditional), else ten rows.
+        self.spec = GridSpec(settings.grid_columns, settings.grid_seed, model.latent_size,
+                             model.num_classes, rows=10)  # fmt: skip
         self.probe = DiversityProbe(
             model, images, labels, settings.monitor_per_class, settings.grid_seed + 1_000_003
         )
@@ -374,20 +342,15 @@ class GANTask(Task):
         index, z = index[self.local], z[self.local]
         real = self.images[index]  # (B, 1, 28, 28)
         y = self.labels[index] if self.model.conditional else None
-        settings = self.settings
-        return gan_train_step(
-            self.model, self.opt_d, self.opt_g, real, z, y, self.precision, settings.real_label
-        )
+        label = self.settings.real_label
+        return gan_train_step(self.model, self.opt_d, self.opt_g, real, z, y, self.precision, label)
 
     def train_records(self, window: dict[str, Tensor], step: int) -> list[dict[str, Any]]:
         values = torch.stack([window[k] for k in STEP_KEYS], dim=1)  # (n, 4)
         means = values.double().mean(dim=0).tolist()
-        last = {
-            **dict(zip(STEP_KEYS, means)),
-            "diversity_ratio": self.probe.ratio(self.model.generator),
-        }
+        ratio = self.probe.ratio(self.model.generator)
         extra = self.state.extra
-        extra["last"] = last
+        extra["last"] = last = {**dict(zip(STEP_KEYS, means)), "diversity_ratio": ratio}
         records = [{"split": "train", **last}]
         for kind, message in self.monitor.observe(
             step, last["d_fake"], last["d_loss"], last["diversity_ratio"]
@@ -479,9 +442,7 @@ def train_gan(
         ``STEP_KEYS`` and ``diversity_ratio`` and the last eval metrics.
 
     Raises:
-        NonFiniteLossError: a loss is NaN or infinite (the newest checkpoint, written before that
-            step, stays intact).
-        StopRequested: on SIGINT/SIGTERM, after writing a checkpoint.
+        NonFiniteLossError, StopRequested: as ``fit``.
     """
     grid_dir = run.plots / "grids" if run is not None and run.writer else None
     task = GANTask(model, images, labels, settings, grid_dir, variant, eval_hook)

@@ -6,6 +6,7 @@ criteria are stated precisely in its docstring. ``DiversityProbe`` measures the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,11 +15,23 @@ from torch import Tensor, nn
 
 from classicnets.metrics.diversity import diversity
 
-__all__ = ["DiversityProbe", "GANMonitor", "GANTrainingWarning", "discriminator_wins"]
+__all__ = [
+    "DiversityProbe",
+    "GANMonitor",
+    "GANTrainingWarning",
+    "discriminator_wins",
+    "loss_floor",
+]
 
 
 class GANTrainingWarning(UserWarning):
     """The discriminator wins outright or the generator's samples collapse."""
+
+
+def loss_floor(real_label: float) -> float:
+    """The smallest possible ``discriminator_loss``: the binary entropy of ``real_label`` (nats)."""
+    t = real_label
+    return 0.0 if t in (0.0, 1.0) else -(t * math.log(t) + (1 - t) * math.log(1 - t))
 
 
 def discriminator_wins(
@@ -110,6 +123,19 @@ class GANMonitor:
                 )
             )
         return out
+
+    @classmethod
+    def of(cls, settings: Any) -> GANMonitor:
+        """The monitor of ``train.gan.GANSettings``' thresholds."""
+        return cls(
+            win_fake_below=settings.win_fake_below,
+            win_loss_below=settings.win_loss_below,
+            win_window=settings.win_window,
+            collapse_fraction=settings.collapse_fraction,
+            collapse_window=settings.collapse_window,
+            start_step=settings.monitor_after,
+            loss_floor=loss_floor(settings.real_label),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

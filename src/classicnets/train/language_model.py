@@ -1,4 +1,4 @@
-"""Training loop for recurrent language models (truncated back-propagation through time).
+"""Recurrent language models, trained by truncated back-propagation through time.
 
 The recipe of Zaremba, Sutskever & Vinyals 2014 as the TensorFlow PTB tutorial codes it
 (tensorflow/models ``tutorials/rnn/ptb/ptb_word_lm.py``):
@@ -21,22 +21,17 @@ every token of the split but the first (which has no left context), each token c
 once whatever the evaluation batch size (``data.ptb.evaluation_rows``); per-token NLLs are summed
 in float64. ``evaluate_perplexity`` returns the total and the count with it.
 
-**Exact resume**: weights, optimizer, schedule, RNG states (dropout), the hidden state carried
-into the next window and the running sums of the loss are in the checkpoint; the data position is
-a function of the step. A run resumed from any checkpoint continues bit for bit like an
-uninterrupted one on CPU in deterministic mode, and rewrites the metrics logged after the
-checkpoint identically.
+**Exact resume**: ``fit`` drives the step (``LanguageModelTask``). The epoch structure, the hidden
+state carried into the next window (every row's: under ``torchrun`` each process trains its rows
+of the stream) and the running sums of the loss are the task's state, in every checkpoint with
+the weights, optimizer, schedule and RNG states (dropout); the data position is a function of the
+step. A resumed run continues bit for bit like an uninterrupted one (CPU, deterministic mode).
 
 **Divergence** (the ReLU RNN's activations overflow): a non-finite training loss or gradient norm
 stops the model with status ``"diverged"``; the step, epoch and value are logged (a record with
 ``split == "diverged"``) and returned instead of raised, so an experiment goes on with its other
 models. Losses are checked at every log interval and before every checkpoint, so a checkpoint
 never holds a diverged model.
-
-``fit`` drives the step (``LanguageModelTask``): the epoch structure and the carried hidden state
-are the task's state, saved in every checkpoint. Under ``torchrun`` each process trains on its
-rows of the batchified stream (``batch_size`` is the global number of rows); checkpoints hold
-the hidden state of every row, so a run resumes with any number of processes.
 
 Metrics records (``metrics.jsonl``) all carry ``variant``, ``epoch`` (1-based), ``step`` (global,
 counted from the start of training) and ``split``:
@@ -97,13 +92,8 @@ class LMTrainSettings:
             context, the tutorial's test protocol; more: faster, ``eval_batch_size - 1`` tokens
             lose their left context, none is skipped).
         eval_num_steps: window length of evaluation (no effect on the result beyond rounding).
-        log_every: write a ``train`` record every this many steps (and at each epoch end).
-        checkpoint_every: checkpoint every this many steps, besides every epoch end; 0: epoch
-            ends only.
-        keep_checkpoints: checkpoints kept per model.
-        progress: show a tqdm progress bar.
-        stop_after: stop (with a checkpoint) after this many steps of this call, as if killed;
-            for tests and demonstrations of resume. None runs to the end.
+        log_every, checkpoint_every, keep_checkpoints, progress, stop_after: as ``fit.Cadence``'s
+            (a ``train`` record and a checkpoint also at each epoch's end).
     """
 
     epochs: int = 13
@@ -249,10 +239,9 @@ class LanguageModelTask(Task):
             )
         self.data = data[self.local]  # this process's rows
         self.rows = len(self.data)
+        splits = {"valid": valid_ids, "test": test_ids}
         self.evaluations = [
-            (split, ids.to(self.device))
-            for split, ids in (("valid", valid_ids), ("test", test_ids))
-            if ids is not None
+            (k, ids.to(self.device)) for k, ids in splits.items() if ids is not None
         ]
         self.optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
         self.schedule = ExponentialAfterEpoch(settings.lr_decay, settings.epochs_at_full_lr)
@@ -261,20 +250,11 @@ class LanguageModelTask(Task):
         self.optimizers = {"model": self.optimizer}
         self.schedules = {"lr": self.schedule}
         self.hidden: Hidden = model.init_hidden(self.rows)
-        self.tensors = {
-            "epoch_nll": torch.zeros((), dtype=torch.float64, device=self.device),
-            **{
-                f"hidden.{i}": h
-                for i, h in enumerate(_parts(model.init_hidden(settings.batch_size)))
-            },
-        }
-        self.extra = {
-            "log_tokens": 0,
-            "epoch_tokens": 0,
-            "train_perplexity": None,
-            "last_eval": {},
-            "tokens_seen": 0,
-        }
+        every_row = _parts(model.init_hidden(settings.batch_size))  # what checkpoints hold
+        self.tensors = {"epoch_nll": torch.zeros((), dtype=torch.float64, device=self.device)}
+        self.tensors.update({f"hidden.{i}": h for i, h in enumerate(every_row)})
+        self.extra = {"log_tokens": 0, "epoch_tokens": 0, "tokens_seen": 0,
+                      "train_perplexity": None, "last_eval": {}}  # fmt: skip
         self.cadence = Cadence(
             steps=settings.epochs * self.steps_per_epoch,
             log_every=settings.log_every,
@@ -428,7 +408,7 @@ def train_language_model(
         "grad_norm"})}``.
 
     Raises:
-        StopRequested: on SIGINT/SIGTERM, after writing a checkpoint.
+        StopRequested: as ``fit``.
     """
     task = LanguageModelTask(model, train_ids, settings, run, variant, valid_ids, test_ids)
     try:
@@ -451,15 +431,11 @@ def _result(
     train_time = extra.get("train_time_s") or 0.0
     tokens = extra.get("tokens_seen") or 0
     step = state.step
-    if diverged is not None:
-        norm = diverged.get("grad_norm")  # metrics.jsonl stores nan and inf as strings
-        diverged = {
-            "step": int(diverged["step"]),
-            "epoch": int(diverged["epoch"]),
-            "loss": float(diverged["loss"]),
-            "grad_norm": None if norm is None else float(norm),
-        }
-        step = int(diverged["step"])  # the step whose loss (or gradient) was not finite
+    if diverged is not None:  # metrics.jsonl stores nan and inf as strings
+        norm = diverged.get("grad_norm")
+        diverged = {"step": int(diverged["step"]), "epoch": int(diverged["epoch"]),
+                    "loss": float(diverged["loss"]), "grad_norm": norm and float(norm)}  # fmt: skip
+        step = diverged["step"]  # the step whose loss (or gradient) was not finite
     return {
         "status": status,
         "step": step,

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from classicnets.data.batching import iterate_in_order
 from classicnets.models.vae import VAE, kl_divergence, reconstruction_loss, vae_loss
-from classicnets.train.fit import EvalHook, SettingsTask, fit
+from classicnets.train.fit import fit
 from classicnets.train.run import RunDir
-from classicnets.train.settings import ClassificationData, TrainSettings
+from classicnets.train.settings import ClassificationData, EvalHook, SettingsTask, TrainSettings
 
 __all__ = ["VAETask", "evaluate_vae", "evaluation_noise", "train_vae"]
 
