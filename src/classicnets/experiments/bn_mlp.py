@@ -26,6 +26,7 @@ from classicnets.experiments.common import (
     train_settings,
 )
 from classicnets.models.mlp import MLP
+from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
 
@@ -226,33 +227,29 @@ def bn_ahead_fraction(run_dir: RunDir) -> float | None:
     return sum(bn[s] > plain[s] for s in common) / len(common)
 
 
+NAMES = {"plain": "without BN", "bn": "with BN"}
+PLOTS = (
+    Curve("test_accuracy.png", "test", "accuracy", "test accuracy", "(a) test accuracy",
+          ylim=(0.85, 1.0)),
+    Curve("train_loss.png", "train", "loss", "training cross-entropy", "training loss",
+          logy=True),
+)  # fmt: skip
+
+
 def write_plots(run_dir: RunDir) -> list:
     """Panels (a) test accuracy against steps, (b, c) sigmoid-input percentiles; train loss."""
-    from classicnets.report import Panel, line_plot, multi_panel_plot
+    from classicnets.report import Panel, multi_panel_plot
 
     curves = run_dir.records("test")
     if not curves:
         return []
-    names = {"plain": "without BN", "bn": "with BN"}
-    written = [
-        line_plot(
-            run_dir.plots / "test_accuracy.png",
-            {
-                names.get(v, v): ([r["step"] for r in rs], [r["accuracy"] for r in rs])
-                for v, rs in curves.items()
-            },
-            xlabel="training step",
-            ylabel="test accuracy",
-            title="(a) test accuracy",
-            ylim=(0.85, 1.0),
-        )
-    ]
+    written = plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS, NAMES)
     panels = []
     for letter, v in zip("bc", [v for v in VARIANTS if v in curves]):
         rs = curves[v]
         panels.append(
             Panel(
-                title=f"({letter}) {names[v]}",
+                title=f"({letter}) {NAMES[v]}",
                 xlabel="training step",
                 ylabel="input to a last-layer sigmoid",
                 x=[r["step"] for r in rs],
@@ -266,18 +263,6 @@ def write_plots(run_dir: RunDir) -> list:
     written.append(
         multi_panel_plot(run_dir.plots / "sigmoid_input_percentiles.png", panels, sharey=True)
     )
-    train = run_dir.curves("train", "loss", rename=names)
-    if train:
-        written.append(
-            line_plot(
-                run_dir.plots / "train_loss.png",
-                train,
-                xlabel="training step",
-                ylabel="training cross-entropy",
-                title="training loss",
-                logy=True,
-            )
-        )
     return written
 
 

@@ -36,6 +36,7 @@ from classicnets.experiments.common import (
     train_settings,
 )
 from classicnets.models.autoencoder import UPSAMPLING, ConvAutoencoder
+from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.autoencoder import (
     RECONSTRUCTION_LOSSES,
     evaluate_reconstruction,
@@ -228,84 +229,45 @@ def reconstruction_grid(
     title: str = "",
     columns: int = 16,
 ) -> Path:
-    """One PNG: a row of originals and under it one row of reconstructions per model.
+    """One grid (``report.grid.write_grid``): a row of originals and under it one row of
+    reconstructions per model; the row names and the title are in the JSON beside the PNG.
 
     Args:
         path: the PNG to write (atomically; its folder is created).
         originals: ``[n, 1, H, W]`` intensities in [0, 1].
         reconstructions: row label -> ``[n, 1, H, W]`` intensities.
-        title: title above the grid.
-        columns: images per row; more images wrap into further blocks of rows.
+        title: what the grid shows.
+        columns: images per row; more images wrap into further blocks of rows (the cells past
+            the last image stay black).
     """
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    from classicnets.report.plots import save_figure
+    from classicnets.report.grid import write_grid
 
     n, _, h, w = originals.shape
     columns = max(1, min(columns, n))
-    rows: list[tuple[str, np.ndarray]] = []
+    named = {"original": originals, **{NAMES.get(k, k): v for k, v in reconstructions.items()}}
+    rows: list[str] = []
+    blocks = []
     for start in range(0, n, columns):
-        chunk = slice(start, min(start + columns, n))
-        rows.append(("original", originals[chunk, 0].float().cpu().numpy()))
-        for name, images in reconstructions.items():
-            rows.append((NAMES.get(name, name), images[chunk, 0].float().cpu().numpy()))
-    gap = 2
-    canvas = np.ones((len(rows) * (h + gap) - gap, columns * (w + gap) - gap))  # white gaps
-    for r, (_, images) in enumerate(rows):
-        for c, image in enumerate(images):
-            canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = image
-    scale = 0.6 / h  # inches per pixel: a 28x28 image is 0.6 inch wide
-    width, height = canvas.shape[1] * scale, canvas.shape[0] * scale  # of the grid, inches
-    margin_left, margin_top, margin_bottom = 1.4, 0.5, 0.1  # row labels, title
-    fig = Figure(figsize=(width + margin_left + 0.1, height + margin_top + margin_bottom))
-    fig_w, fig_h = fig.get_figwidth(), fig.get_figheight()
-    ax = fig.add_axes((margin_left / fig_w, margin_bottom / fig_h, width / fig_w, height / fig_h))
-    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([r * (h + gap) + h / 2 for r in range(len(rows))])
-    ax.set_yticklabels([name for name, _ in rows], fontsize=9)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    if title:
-        fig.suptitle(title, fontsize=10, y=1 - 0.1 / fig_h, va="top")
-    return save_figure(fig, path)
+        for name, images in named.items():
+            row = torch.zeros(columns, h, w)
+            chunk = images[start : start + columns, 0].float().cpu()
+            row[: len(chunk)] = chunk
+            rows.append(name)
+            blocks.append(row)
+    return write_grid(path, torch.stack(blocks), {"rows": rows, "title": title})[0]
+
+
+PLOTS = (
+    Curve("test_reconstruction_error.png", "test", "mse", "squared error per pixel",
+          "test reconstruction error", logy=True),
+    Curve("train_loss.png", "train", "loss", "reconstruction loss per image", "training loss",
+          logy=True),
+)  # fmt: skip
 
 
 def write_plots(run_dir: RunDir) -> list:
     """Test reconstruction error (squared error per pixel) and training loss against steps."""
-    from classicnets.report import line_plot
-
-    curves = run_dir.records("test")
-    if not curves:
-        return []
-    written = [
-        line_plot(
-            run_dir.plots / "test_reconstruction_error.png",
-            {
-                NAMES.get(v, v): ([r["step"] for r in rs], [r["mse"] for r in rs])
-                for v, rs in curves.items()
-            },
-            xlabel="training step",
-            ylabel="squared error per pixel",
-            title="test reconstruction error",
-            logy=True,
-        )
-    ]
-    train = run_dir.curves("train", "loss", rename=NAMES)
-    if train:
-        written.append(
-            line_plot(
-                run_dir.plots / "train_loss.png",
-                train,
-                xlabel="training step",
-                ylabel="reconstruction loss per image",
-                title="training loss",
-                logy=True,
-            )
-        )
-    return written
+    return plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS, NAMES)
 
 
 def load_models(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:

@@ -25,6 +25,7 @@ from classicnets.experiments.common import (
     train_settings,
 )
 from classicnets.models import MLP, create_model, model_entry
+from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
 
@@ -212,19 +213,15 @@ def _summary(config, results, wall_time, device, steps) -> dict[str, Any]:
     }
 
 
-def write_plots(run_dir: RunDir) -> None:
-    from classicnets.report import line_plot
+PLOTS = (
+    Curve("test_accuracy.png", "test", "accuracy", "test accuracy", "test accuracy",
+          ylim=(0.8, 1.0)),
+)  # fmt: skip
 
-    curves = run_dir.curves("test", "accuracy")
-    if curves and run_dir.writer:
-        line_plot(
-            run_dir.plots / "test_accuracy.png",
-            curves,
-            xlabel="training step",
-            ylabel="test accuracy",
-            title="test accuracy",
-            ylim=(0.8, 1.0),
-        )
+
+def write_plots(run_dir: RunDir) -> None:
+    if run_dir.writer:
+        plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
 
 
 def evaluate_trained(config: ResNetVsMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:

@@ -23,7 +23,6 @@ of cell/column ``i`` is ``latent_draw(seed, i, latent_size)``.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from classicnets.experiments.common import (
     train_settings,
 )
 from classicnets.models.vae import VAE
+from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.run import RunDir
 from classicnets.train.vae import evaluate_vae, train_vae
 
@@ -365,44 +365,14 @@ def save_image_grid(
     title: str = "",
     record: dict | None = None,
 ) -> Path:
-    """Write ``images`` (``[R, C, H, W]`` in [0, 1]) as one PNG grid, 1-pixel gaps, row labels
-    on the left; with ``record``, also ``path.json`` (the seed and rule of the cells)."""
-    from matplotlib.figure import Figure
+    """Write ``images`` (``[R, C, H, W]`` in [0, 1]) as one grid (``report.grid.write_grid``);
+    the JSON beside it holds ``record`` (the seed and rule of the cells), the row labels and the
+    title."""
+    from classicnets.report.grid import write_grid
 
-    from classicnets.files import atomic_write_text
-    from classicnets.report import save_figure
-
-    images = np.asarray(images, dtype=np.float64)
-    rows, cols, h, w = images.shape
-    gap = 0.3  # light grey lines between cells (the colour map shows 0 white, 1 black)
-    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), gap)
-    for r in range(rows):
-        for c in range(cols):
-            top, left = 1 + r * (h + 1), 1 + c * (w + 1)
-            canvas[top : top + h, left : left + w] = images[r, c]
-    cell = 0.42  # inches per cell
-    margin = 0.5 if row_labels is not None else 0.1  # room for the row labels
-    width = max(margin + 0.1 + cols * cell, 0.3 + 0.065 * len(title))
-    height = 0.1 + rows * cell + (0.35 if title else 0.0)
-    fig = Figure(figsize=(width, height))
-    ax = fig.add_axes((margin / width, 0.05 / height, 1 - (margin + 0.05) / width,
-                       rows * cell / height))  # fmt: skip
-    ax.imshow(canvas, cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks([])
-    for side in ax.spines.values():
-        side.set_visible(False)
-    if row_labels is not None:
-        ax.set_yticks([1 + r * (h + 1) + h / 2 for r in range(rows)])
-        ax.set_yticklabels([str(v) for v in row_labels])
-        ax.tick_params(axis="y", length=0)
-    else:
-        ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=8)
-    path = save_figure(fig, path)
-    if record is not None:
-        atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2))
-    return path
+    rows = None if row_labels is None else [str(v) for v in row_labels]
+    info = {**(record or {}), "rows": rows, "title": title}
+    return write_grid(path, torch.as_tensor(np.asarray(images, dtype=np.float32)), info)[0]
 
 
 def write_grids(config: VAEConfig, run_dir: RunDir, variant: str, model: VAE, test_x, test_y):
@@ -495,42 +465,20 @@ def _summary(
     return summary
 
 
+PLOTS = (
+    Curve("test_neg_elbo.png", "test", "neg_elbo", "negative ELBO (nats)",
+          "test negative ELBO, cross-entropy variants", from_step=1),
+    Curve("test_loss.png", "test", "loss", "objective", "test objective (reconstruction + KL)",
+          logy=True, from_step=1),
+)  # fmt: skip
+
+
 def write_plots(run_dir: RunDir, results: dict) -> None:
     """Test negative ELBO (cross-entropy variants) and test objective against steps; confusion
     matrices of the CVAEs' samples."""
-    from classicnets.report import line_plot
-
     if not run_dir.writer:
         return
-    elbo: dict[str, tuple[list, list]] = {}
-    objective: dict[str, tuple[list, list]] = {}
-    for r in run_dir.read_metrics():
-        if r.get("split") != "test" or r["step"] == 0:
-            continue
-        if "neg_elbo" in r:
-            xs, ys = elbo.setdefault(r["variant"], ([], []))
-            xs.append(r["step"])
-            ys.append(r["neg_elbo"])
-        xs, ys = objective.setdefault(r["variant"], ([], []))
-        xs.append(r["step"])
-        ys.append(r["loss"])
-    if elbo:
-        line_plot(
-            run_dir.plots / "test_neg_elbo.png",
-            elbo,
-            xlabel="training step",
-            ylabel="negative ELBO (nats)",
-            title="test negative ELBO, cross-entropy variants",
-        )
-    if objective:
-        line_plot(
-            run_dir.plots / "test_loss.png",
-            objective,
-            xlabel="training step",
-            ylabel="objective",
-            title="test objective (reconstruction + KL)",
-            logy=True,
-        )
+    plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
     from classicnets.metrics import plot_confusion_matrices
 
     for variant, r in results.items():

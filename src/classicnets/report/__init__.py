@@ -2,6 +2,8 @@
 
 - ``classicnets.report.plots``: ``line_plot``, ``band_plot``, ``multi_panel_plot`` (with
   ``Panel``), ``save_figure`` (matplotlib, written atomically, no display needed).
+- ``classicnets.report.curves``: ``Curve`` plot specs and ``plot_curves``, which draws them.
+- ``classicnets.report.grid``: ``write_grid``, the image grids of every experiment.
 - ``classicnets.report.html``: ``write_report``, ``write_combined_report``, ``read_run``,
   ``format_metric``, ``ReportError`` (standard library only).
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from classicnets.report.curves import Curve, plot_curves
 from classicnets.report.html import (
     ReportError,
     RunRecord,
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 _PLOT_NAMES = frozenset({"Panel", "band_plot", "line_plot", "multi_panel_plot", "save_figure"})
 
 __all__ = [
+    "Curve",
     "Panel",
     "ReportError",
     "RunRecord",
@@ -43,6 +47,7 @@ __all__ = [
     "format_metric",
     "line_plot",
     "multi_panel_plot",
+    "plot_curves",
     "read_run",
     "save_figure",
     "write_combined_report",

@@ -341,8 +341,26 @@ def _plot_figure(path: Path) -> str:
         raise ReportError(f"{path}: cannot read plot: {exc}") from exc
     return (
         f'<figure><img src="data:image/png;base64,{data}" alt="{_e(path.stem)}">'
-        f"<figcaption>{_e(path.name)}</figcaption></figure>"
+        f"<figcaption>{_e(_caption(path))}</figcaption></figure>"
     )
+
+
+def _caption(path: Path) -> str:
+    """The plot's name and, for an image grid (``report.grid.write_grid``), the title and row
+    names its JSON holds; a JSON that cannot be read or is not a grid's adds nothing."""
+    try:
+        record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return path.name
+    if not isinstance(record, dict):
+        return path.name
+    parts = [path.name]
+    if isinstance(record.get("title"), str) and record["title"]:
+        parts.append(record["title"])
+    rows = record.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(r, (str, int)) for r in rows):
+        parts.append("rows: " + ", ".join(map(str, rows)))
+    return " — ".join(parts)
 
 
 def _run_section(record: RunRecord, title: str, h: int, anchor: str | None = None) -> str:
