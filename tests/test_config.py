@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,6 +11,7 @@ import pytest
 from classicnets.experiments import list_experiments
 from classicnets.experiments.config import (
     AT_LEAST_ONE,
+    CHOICES,
     RANGES,
     ConfigError,
     Range,
@@ -117,6 +119,46 @@ def test_out_of_range_values_name_key_value_and_range(item, message):
     with pytest.raises(ConfigError) as info:
         apply_overrides(config, [item])
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("experiment", "item", "message"),
+    [
+        ("bn-mlp", "dataset=cifar", "dataset must be mnist or fashion-mnist, got 'cifar'"),
+        ("bn-mlp", "activation=swish", "activation must be one of sigmoid, relu, tanh"),
+        ("bn-mlp", "schedule=warm", "schedule must be one of constant, step, cosine"),
+        ("bn-mlp", "precision=fp8", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+        ("bn-mlp", "variants=plain,plain", "variants must be distinct names among plain, bn"),
+        ("bn-mlp", "variants=", "variants must be distinct names among plain, bn, got nothing"),
+        ("conv-ae", "norm=layer", "norm must be batchnorm or none, got 'layer'"),
+        ("conv-ae", "loss=l1", "loss must be bce or mse, got 'l1'"),
+        ("resnet-vs-mlp", "mlp_norm=group", "mlp_norm must be batchnorm or none"),
+        ("gan", "generator_activation=elu", "generator_activation must be relu or leaky_relu"),
+        ("gan", "score_samples=19", "score_samples=19: expected a finite number >= 20"),
+        ("rnn-vs-lstm", "config=huge", "config must be one of small, medium, large"),
+        ("rnn-vs-lstm", "variants=gru", "variants must be distinct names among lstm"),
+        ("rnn-vs-lstm", "train_limit=1", "train_limit=1: expected a finite number >= 2"),
+    ],
+)
+def test_out_of_choice_values_name_key_value_and_choices(experiment, item, message):
+    from classicnets.experiments import get_experiment
+
+    config = get_experiment(experiment).config_cls.quick()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        apply_overrides(config, [item])
+
+
+def test_choices_agree_with_what_the_code_accepts():
+    from classicnets.train.autoencoder import RECONSTRUCTION_LOSSES
+    from classicnets.train.precision import PRECISIONS
+    from classicnets.train.settings import TrainSettings, make_schedule_from_settings
+
+    assert CHOICES["precision"] == tuple(PRECISIONS)
+    assert CHOICES["loss"] == tuple(RECONSTRUCTION_LOSSES)
+    for name in CHOICES["schedule"]:  # make_schedule_from_settings raises on any other name
+        make_schedule_from_settings(TrainSettings(steps=10, batch_size=1, schedule=name))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule_from_settings(TrainSettings(steps=10, batch_size=1, schedule="warm"))
 
 
 def test_range_describes_itself():

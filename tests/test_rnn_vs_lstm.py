@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from classicnets.cli import main
 from classicnets.experiments import resume_experiment, run_experiment
 from classicnets.experiments.common import load_trained_models
+from classicnets.experiments.config import validate_config
 from classicnets.experiments.rnn_vs_lstm import PRESETS, RNNvsLSTMConfig
 from classicnets.train.checkpoint import list_checkpoints
 from classicnets.train.run import RunDir
@@ -62,7 +63,7 @@ def test_presets_follow_zaremba_and_the_tf_tutorial():
     assert (large["max_grad_norm"], large["init_scale"], large["dropout"]) == (10.0, 0.04, 0.65)
     assert RNNvsLSTMConfig(config="medium", hidden_size=100).resolved()["hidden_size"] == 100
     with pytest.raises(ValueError, match="config must be one of"):
-        RNNvsLSTMConfig(config="huge").validate()
+        validate_config(RNNvsLSTMConfig(config="huge"))
 
 
 def test_run_folder_table_plot_and_report(full_run):

@@ -12,7 +12,7 @@ normalization (and the learning rate, documented below) differs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,7 +25,7 @@ from classicnets.experiments.common import (
     load_image_data,
     train_settings,
 )
-from classicnets.models.mlp import MLP
+from classicnets.models.mlp import ACTIVATIONS, MLP
 from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
@@ -76,24 +76,10 @@ class BNMLPConfig(TrainingOptions):
         """A few hundred steps: seconds on a 2-core CPU, for tests and the demo."""
         return cls(steps=300, eval_every=100, log_every=50, checkpoint_every=100)
 
-    def validate(self) -> None:
-        self.validate_training()
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
-            raise ValueError(
-                f"variants must be a non-empty subset of {', '.join(VARIANTS)}, got "
-                f"{','.join(self.variants) or 'nothing'}"
-            )
-        if self.dataset not in ("mnist", "fashion-mnist"):
-            raise ValueError(f"dataset must be mnist or fashion-mnist, got {self.dataset!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        from classicnets.models.mlp import ACTIVATIONS
+    VARIANTS: ClassVar[tuple[str, ...]] = VARIANTS  # what config.check_choices admits
+    FIELD_CHOICES: ClassVar[dict[str, tuple]] = {"activation": tuple(ACTIVATIONS)}
 
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
-            )
+    def validate(self) -> None:
         if not self.hidden_sizes:
             raise ValueError("hidden_sizes needs at least one hidden layer")
         if not 0 <= self.watch_unit < self.hidden_sizes[-1]:
@@ -101,9 +87,6 @@ class BNMLPConfig(TrainingOptions):
                 f"watch_unit={self.watch_unit} is not a unit of the last hidden layer "
                 f"(size {self.hidden_sizes[-1]})"
             )
-        for name in ("steps", "batch_size", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def build_model(config: BNMLPConfig, variant: str) -> MLP:

@@ -81,23 +81,6 @@ class TrainingOptions:
     keep_checkpoints: int = 2  # checkpoints kept per model
     deterministic: bool = True  # deterministic kernels: bit-identical reruns and resumes on CPU
 
-    def validate_training(self) -> None:
-        from classicnets.train.precision import PRECISIONS
-
-        schedules = ("constant", "step", "cosine", "exp-after-epoch", "plateau")
-        if self.schedule not in schedules:
-            raise ValueError(
-                f"schedule must be one of {', '.join(schedules)}, got {self.schedule!r}"
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise ValueError(f"clip_grad_norm must be positive or none, got {self.clip_grad_norm}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-
 
 def train_settings(config, **given):
     """``TrainSettings`` for one model of an experiment: each field from ``given`` if there,

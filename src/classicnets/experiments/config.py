@@ -20,10 +20,12 @@ import typing
 from typing import Any
 
 __all__ = [
+    "CHOICES",
     "RANGES",
     "ConfigError",
     "Range",
     "apply_overrides",
+    "check_choices",
     "check_ranges",
     "config_from_dict",
     "config_to_dict",
@@ -256,10 +258,50 @@ def check_ranges(config) -> None:
             )
 
 
+# --------------------------------------------------------------------------- choices
+
+# Every text field of the configs with a closed set of values, by name, as RANGES for numbers. A
+# config class adds its own in a ``FIELD_CHOICES`` class attribute (its activations, presets).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "schedule": ("constant", "step", "cosine", "exp-after-epoch", "plateau"),
+    "precision": ("fp32", "bf16", "fp16"),  # train.precision.PRECISIONS
+    "optimizer": ("sgd", "adam"),
+    "dataset": ("mnist", "fashion-mnist"),
+    **dict.fromkeys(["norm", "resnet_norm", "mlp_norm"], ("batchnorm", "none")),
+    "loss": ("bce", "mse"),  # train.autoencoder.RECONSTRUCTION_LOSSES
+    "generator_activation": ("relu", "leaky_relu"),
+}
+
+
+def _one_of(choices) -> str:
+    choices = [str(c) for c in choices]
+    return " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
+
+
+def check_choices(config) -> None:
+    """Raise ``ConfigError`` for the first text field of ``config`` outside ``CHOICES`` (and
+    its class's ``FIELD_CHOICES``), and for ``variants`` that are not distinct names among its
+    class's ``VARIANTS``."""
+    choices = {**CHOICES, **getattr(type(config), "FIELD_CHOICES", {})}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in choices and value not in choices[field.name]:
+            raise ConfigError(f"{field.name} must be {_one_of(choices[field.name])}, got {value!r}")
+    known = getattr(type(config), "VARIANTS", None)
+    variants = getattr(config, "variants", None)
+    if known is not None and variants is not None:
+        if not variants or len(set(variants)) != len(variants) or set(variants) - set(known):
+            raise ConfigError(
+                f"variants must be distinct names among {', '.join(known)}, got "
+                f"{','.join(variants) or 'nothing'}"
+            )
+
+
 def validate_config(config):
-    """Check ``config``'s ranges, then its own ``validate()`` (cross-field rules); return it.
-    Every error is a ``ConfigError`` with a one-line message naming the key."""
+    """Check ``config``'s ranges and choices, then its own ``validate()`` (cross-field rules);
+    return it. Every error is a ``ConfigError`` with a one-line message naming the key."""
     check_ranges(config)
+    check_choices(config)
     validate = getattr(config, "validate", None)
     if validate is not None:
         try:

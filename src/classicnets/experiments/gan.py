@@ -60,7 +60,10 @@ class GANConfig(TrainingOptions):
     ``precision``, ``deterministic`` and ``keep_checkpoints``; the others must keep their
     defaults (no schedule, weight decay, clipping, compile, channels-last or sync BN)."""
 
-    FIELD_RANGES: ClassVar[dict[str, Range]] = {"eval_every": NON_NEGATIVE}  # 0: at the end
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {
+        "eval_every": NON_NEGATIVE,  # 0: at the end
+        **dict.fromkeys(["score_samples", "eval_samples"], Range(2 * NUM_CLASSES)),  # 2 a class
+    }
 
     data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
     download: bool = True
@@ -125,32 +128,15 @@ class GANConfig(TrainingOptions):
             monitor_after=100,
         )
 
+    VARIANTS: ClassVar[tuple[str, ...]] = VARIANTS  # what config.check_choices admits
+
     def validate(self) -> None:
-        self.validate_training()
         for name, default in _UNSUPPORTED.items():
             if getattr(self, name) != default:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is not supported by the gan experiment "
                     f"(leave it at {default!r})"
                 )
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
-            raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}")
-        if self.generator_activation not in ("relu", "leaky_relu"):
-            raise ValueError(
-                "generator_activation must be relu or leaky_relu, got "
-                f"{self.generator_activation!r}"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 < self.real_label <= 1:
-            raise ValueError(f"real_label must be in (0, 1], got {self.real_label}")
-        for name in ("steps", "batch_size", "log_every", "grid_every", "grid_columns",
-                     "latent_size", "eval_samples", "score_samples"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.score_samples < 2 * NUM_CLASSES or self.eval_samples < 2 * NUM_CLASSES:
-            raise ValueError("score_samples and eval_samples must be at least 20")
 
 
 def build_model(config: GANConfig, variant: str) -> GAN:

@@ -10,7 +10,7 @@ mistakes the network is making").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -87,27 +87,15 @@ class ResNetVsMLPConfig(TrainingOptions):
     # Overrides the ResNet's stage widths (None: the registered model's own).
     quick_widths: tuple[int, ...] | None = None
 
+    VARIANTS: ClassVar[tuple[str, ...]] = VARIANTS  # what config.check_choices admits
+
     def validate(self) -> None:
-        self.validate_training()
-        if self.dataset not in ("mnist", "fashion-mnist"):
-            raise ValueError(f"dataset must be mnist or fashion-mnist, got {self.dataset!r}")
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
-            raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}")
         try:
             entry = model_entry(self.resnet_model)
         except KeyError as exc:
             raise ValueError(str(exc).strip("'\"")) from None
         if not entry.name.startswith("resnet"):
             raise ValueError(f"resnet_model must name a ResNet, got {self.resnet_model!r}")
-        for name in ("resnet_norm", "mlp_norm"):
-            if getattr(self, name) not in ("batchnorm", "none"):
-                raise ValueError(f"{name} must be batchnorm or none, got {getattr(self, name)!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        for name in ("epochs", "batch_size", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def build_model(config: ResNetVsMLPConfig, variant: str) -> torch.nn.Module:

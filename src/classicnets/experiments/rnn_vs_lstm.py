@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,6 +30,7 @@ from classicnets.experiments.common import (
     Stopwatch,
     TrainedModel,
 )
+from classicnets.experiments.config import Range
 from classicnets.models.rnnlm import CELLS, RNNLanguageModel
 from classicnets.train.run import RunDir
 
@@ -179,40 +180,9 @@ class RNNvsLSTMConfig:
             return float(self.resolved()["lr"])
         return self.lr_rnn_tanh if variant == "rnn_tanh" else self.lr_rnn_relu
 
-    def validate(self) -> None:
-        if self.config not in PRESETS:
-            raise ValueError(f"config must be one of {', '.join(PRESETS)}, got {self.config!r}")
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants or len(set(self.variants)) != len(self.variants):
-            raise ValueError(
-                f"variants must be distinct names among {', '.join(VARIANTS)}, got "
-                f"{','.join(self.variants) or 'nothing'}"
-            )
-        from classicnets.train.precision import PRECISIONS
-
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-        p = self.resolved()
-        for name in ("hidden_size", "num_layers", "num_steps", "batch_size", "epochs"):
-            if p[name] < 1:
-                raise ValueError(f"{name} must be >= 1, got {p[name]}")
-        if not 0.0 <= p["dropout"] < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {p['dropout']}")
-        if p["max_grad_norm"] is not None and p["max_grad_norm"] <= 0:
-            raise ValueError(f"max_grad_norm must be positive, got {p['max_grad_norm']}")
-        if p["lr_decay"] <= 0 or p["epochs_at_full_lr"] < 0 or p["init_scale"] <= 0:
-            raise ValueError("lr_decay and init_scale must be > 0, epochs_at_full_lr >= 0")
-        for name in ("lr", "lr_rnn_tanh", "lr_rnn_relu"):
-            value = p["lr"] if name == "lr" else getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        for name in ("eval_batch_size", "eval_num_steps", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_limit", "eval_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 2:
-                raise ValueError(f"{name} must be >= 2 tokens or none, got {value}")
+    VARIANTS: ClassVar[tuple[str, ...]] = VARIANTS  # what config.check_choices admits
+    FIELD_CHOICES: ClassVar[dict[str, tuple]] = {"config": tuple(PRESETS)}
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {"train_limit": Range(2), "eval_limit": Range(2)}
 
 
 def build_model(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from classicnets.experiments.common import (
     load_image_data,
     train_settings,
 )
+from classicnets.models.mlp import ACTIVATIONS
 from classicnets.models.vae import VAE
 from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.run import RunDir
@@ -117,38 +118,12 @@ class VAEConfig(TrainingOptions):
             quick_scorer=True,
         )
 
-    def validate(self) -> None:
-        self.validate_training()
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
-            raise ValueError(f"variants must be a non-empty subset of {', '.join(VARIANTS)}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        from classicnets.models.mlp import ACTIVATIONS
+    VARIANTS: ClassVar[tuple[str, ...]] = VARIANTS  # what config.check_choices admits
+    FIELD_CHOICES: ClassVar[dict[str, tuple]] = {"activation": tuple(ACTIVATIONS)}
 
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
-            )
-        for name in ("dropout", "decoder_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    def validate(self) -> None:
         if not self.hidden_sizes:
             raise ValueError("hidden_sizes needs at least one hidden layer")
-        for name in ("kl_warmup_epochs", "cvae_kl_warmup_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in (
-            "epochs",
-            "batch_size",
-            "eval_every",
-            "log_every",
-            "latent_size",
-            "grid_columns",
-            "score_samples_per_digit",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def is_conditional(variant: str) -> bool:
