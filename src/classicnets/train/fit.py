@@ -54,6 +54,10 @@ from classicnets.train.state import TrainState
 __all__ = ["Cadence", "Task", "fit", "optimize"]
 
 
+_CADENCE_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                   "progress", "stop_after")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Cadence:
     """When ``fit`` logs, evaluates and checkpoints, and where it stops.
@@ -80,16 +84,9 @@ class Cadence:
 
     @classmethod
     def of(cls, settings: Any) -> Cadence:
-        """The cadence that ``TrainSettings`` or ``GANSettings`` set (fields of the same names)."""
-        return cls(
-            steps=settings.steps,
-            log_every=settings.log_every,
-            eval_every=settings.eval_every,
-            checkpoint_every=settings.checkpoint_every,
-            keep_checkpoints=settings.keep_checkpoints,
-            progress=settings.progress,
-            stop_after=settings.stop_after,
-        )
+        """The cadence that ``TrainSettings`` or ``GANSettings`` set: their fields of these
+        names, every one of them (a missing one is an ``AttributeError``, never a default)."""
+        return cls(**{name: getattr(settings, name) for name in _CADENCE_FIELDS})
 
     @property
     def ring(self) -> int:

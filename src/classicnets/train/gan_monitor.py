@@ -98,44 +98,38 @@ class GANMonitor:
             d_fake, d_loss, self.win_fake_below, self.win_loss_below, self.loss_floor
         )
         self.win_streak = self.win_streak + 1 if wins else 0
-        if self.win_streak >= self.win_window and "discriminator_wins" not in self.fired:
-            self.fired["discriminator_wins"] = step
-            out.append(
-                (
-                    "discriminator_wins",
-                    f"the discriminator wins outright: mean D(G(z)) < {self.win_fake_below} and "
-                    f"D loss within {self.win_loss_below} of its minimum {self.loss_floor:.3g} "
-                    f"for {self.win_streak} logging intervals "
-                    f"(now D(G(z)) = {d_fake:.2g}, D loss = {d_loss:.3g}); the generator gets "
-                    f"little gradient",
-                )
-            )
+        if self.win_streak >= self.win_window:
+            self._fire(out, "discriminator_wins", step, (
+                f"the discriminator wins outright: mean D(G(z)) < {self.win_fake_below} and "
+                f"D loss within {self.win_loss_below} of its minimum {self.loss_floor:.3g} "
+                f"for {self.win_streak} logging intervals "
+                f"(now D(G(z)) = {d_fake:.2g}, D loss = {d_loss:.3g}); the generator gets "
+                f"little gradient"
+            ))  # fmt: skip
         collapsed = diversity_ratio is not None and diversity_ratio < self.collapse_fraction
         self.collapse_streak = self.collapse_streak + 1 if collapsed else 0
-        if self.collapse_streak >= self.collapse_window and "samples_collapse" not in self.fired:
-            self.fired["samples_collapse"] = step
-            out.append(
-                (
-                    "samples_collapse",
-                    f"the samples collapse: their diversity is {diversity_ratio:.2f} of real "
-                    f"images' (< {self.collapse_fraction}) for {self.collapse_streak} logging "
-                    f"intervals (mode collapse)",
-                )
-            )
+        if self.collapse_streak >= self.collapse_window:
+            self._fire(out, "samples_collapse", step, (
+                f"the samples collapse: their diversity is {diversity_ratio:.2f} of real "
+                f"images' (< {self.collapse_fraction}) for {self.collapse_streak} logging "
+                f"intervals (mode collapse)"
+            ))  # fmt: skip
         return out
+
+    def _fire(self, out: list, kind: str, step: int, message: str) -> None:
+        if kind not in self.fired:  # once per run
+            self.fired[kind] = step
+            out.append((kind, message))
 
     @classmethod
     def of(cls, settings: Any) -> GANMonitor:
-        """The monitor of ``train.gan.GANSettings``' thresholds."""
-        return cls(
-            win_fake_below=settings.win_fake_below,
-            win_loss_below=settings.win_loss_below,
-            win_window=settings.win_window,
-            collapse_fraction=settings.collapse_fraction,
-            collapse_window=settings.collapse_window,
-            start_step=settings.monitor_after,
-            loss_floor=loss_floor(settings.real_label),
-        )
+        """The monitor of ``train.gan.GANSettings``' thresholds (fields of the same names, but
+        ``monitor_after`` for ``start_step``; the floor is that of ``real_label``)."""
+        names = ("win_fake_below", "win_loss_below", "win_window", "collapse_fraction",
+                 "collapse_window")  # fmt: skip
+        floor = loss_floor(settings.real_label)
+        named = {name: getattr(settings, name) for name in names}
+        return cls(**named, start_step=settings.monitor_after, loss_floor=floor)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
