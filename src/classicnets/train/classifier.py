@@ -54,7 +54,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> 
 class ClassifierTask(SettingsTask):
     """One cross-entropy step on a shuffled batch; the interval's loss and accuracy."""
 
-    values = ("loss", "correct", "examples")
+    values = ("loss", "correct")
 
     def __init__(
         self,
@@ -84,11 +84,7 @@ class ClassifierTask(SettingsTask):
         loss = F.cross_entropy(logits.float(), yb)
         norm = self.optimize(loss)
         self.precision.update()
-        out = {
-            "loss": loss.detach(),
-            "correct": (logits.detach().argmax(dim=1) == yb).sum(),
-            "examples": torch.tensor(len(yb)),
-        }
+        out = {"loss": loss.detach(), "correct": (logits.detach().argmax(dim=1) == yb).sum()}
         if norm is not None:
             out["grad_norm"] = norm
         return out
@@ -96,7 +92,7 @@ class ClassifierTask(SettingsTask):
     def train_records(self, window: dict[str, Tensor], step: int) -> list[dict[str, Any]]:
         n = len(window["loss"])
         record = self.mean_record(window, window["loss"].sum().item() / n)
-        seen = window["examples"].double().sum().item()
+        seen = n * len(range(self.global_batch)[self.local])  # every batch is whole (drop_last)
         record["accuracy"] = window["correct"].double().sum().item() / max(1.0, seen)
         return [record]
 
