@@ -70,3 +70,17 @@ def test_mlp_errors_and_gaussian_init():
     w = m.blocks[0].linear.weight
     # 313,600 N(0, 0.01) draws: the sample std is within 1% of 0.1 with overwhelming probability
     assert abs(w.std().item() - 0.1) < 1e-3 and m.head.bias.abs().sum() == 0
+
+
+def test_presets_build_their_class_with_overridable_defaults():
+    from classicnets.models import model_entry, register_presets
+
+    def has_bn(model) -> bool:
+        return any(isinstance(m, BatchNorm) for m in model.modules())
+
+    assert has_bn(create_model("mlp-bn", hidden_sizes=(8,)))
+    assert not has_bn(create_model("mlp", hidden_sizes=(8,)))
+    assert has_bn(create_model("mlp", hidden_sizes=(8,), norm="batchnorm"))  # a default, overridden
+    assert model_entry("resnet-small").test_kwargs is not model_entry("resnet-basic").test_kwargs
+    with pytest.raises(ValueError, match="'mlp' is already registered"):
+        register_presets(MLP, {"mlp": ("again", {})}, example_input_shape=(1, 784))

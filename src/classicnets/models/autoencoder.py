@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from classicnets.models.registry import register_model
+from classicnets.models.registry import register_presets
 from classicnets.models.resnet import NormLayer, resolve_norm
 from classicnets.nn import BatchNorm, ConvTranspose2dExact, Upsample
 from classicnets.nn.conv_shapes import conv_output_size
@@ -149,37 +149,25 @@ class ConvAutoencoder(nn.Module):
         return self.decode(self.encode(x), logits=logits)
 
 
-_TEST_KWARGS = {"channels": (4, 8, 4)}
-
-
-@register_model(
-    "conv-ae",
-    description="convolutional autoencoder for 28x28 images, 28-14-7-4 and back by exact-size "
-    "transposed convolutions (ConvTranspose2dExact)",
+register_presets(
+    ConvAutoencoder,
+    {
+        "conv-ae": (
+            "convolutional autoencoder for 28x28 images, 28-14-7-4 and back by exact-size "
+            "transposed convolutions (ConvTranspose2dExact)",
+            {"upsampling": "transpose"},
+        ),
+        "conv-ae-nearest": (
+            "convolutional autoencoder, decoder by nearest-neighbour upsampling to the exact size "
+            "and a 3x3 conv",
+            {"upsampling": "nearest"},
+        ),
+        "conv-ae-unpool": (
+            "convolutional autoencoder, decoder by average unpooling to the exact size and a 3x3 "
+            "conv",
+            {"upsampling": "unpool"},
+        ),
+    },
     example_input_shape=(4, 1, 28, 28),
-    test_kwargs=dict(_TEST_KWARGS),
+    test_kwargs={"channels": (4, 8, 4)},
 )
-def conv_ae(**kwargs) -> ConvAutoencoder:
-    return ConvAutoencoder(**{"upsampling": "transpose", **kwargs})
-
-
-@register_model(
-    "conv-ae-nearest",
-    description="convolutional autoencoder, decoder by nearest-neighbour upsampling to the exact "
-    "size and a 3x3 conv",
-    example_input_shape=(4, 1, 28, 28),
-    test_kwargs=dict(_TEST_KWARGS),
-)
-def conv_ae_nearest(**kwargs) -> ConvAutoencoder:
-    return ConvAutoencoder(**{"upsampling": "nearest", **kwargs})
-
-
-@register_model(
-    "conv-ae-unpool",
-    description="convolutional autoencoder, decoder by average unpooling to the exact size and a "
-    "3x3 conv",
-    example_input_shape=(4, 1, 28, 28),
-    test_kwargs=dict(_TEST_KWARGS),
-)
-def conv_ae_unpool(**kwargs) -> ConvAutoencoder:
-    return ConvAutoencoder(**{"upsampling": "unpool", **kwargs})

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from classicnets.models.registry import register_model
+from classicnets.models.registry import register_presets
 
 __all__ = ["GAN", "Discriminator", "Generator"]
 
@@ -217,19 +217,17 @@ class GAN(nn.Module):
         return self.discriminator(self.generator(z, y), y)  # (N,) logits of D(G(z))
 
 
-@register_model(
-    "gan",
-    description="GAN, fully connected: G 32 -> 150 -> 300 -> 784 sigmoid, D 784 -> 300 -> 150 -> 1",
+register_presets(
+    GAN,
+    {
+        "gan": (
+            "GAN, fully connected: G 32 -> 150 -> 300 -> 784 sigmoid, D 784 -> 300 -> 150 -> 1",
+            {"num_classes": 0},
+        ),
+        "cgan": (
+            "conditional GAN: one-hot label joined to G's noise (32+10) and D's image (784+10)",
+            {"num_classes": 10},
+        ),
+    },
     example_input_shape=(4, 32),
 )
-def gan(**kwargs) -> GAN:
-    return GAN(**{"num_classes": 0, **kwargs})
-
-
-@register_model(
-    "cgan",
-    description="conditional GAN: one-hot label joined to G's noise (32+10) and D's image (784+10)",
-    example_input_shape=(4, 32),
-)
-def cgan(**kwargs) -> GAN:
-    return GAN(**{"num_classes": 10, **kwargs})

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from classicnets.models.registry import register_model
+from classicnets.models.registry import register_presets
 from classicnets.nn import BatchNorm
 
 __all__ = ["ACTIVATIONS", "MLP", "make_activation"]
@@ -108,21 +108,18 @@ class MLP(nn.Module):
         return self.head(h)  # (N, num_classes)
 
 
-@register_model(
-    "mlp",
-    description="MLP classifier for 28x28 images: Linear -> activation per hidden layer",
+register_presets(
+    MLP,
+    {
+        "mlp": (
+            "MLP classifier for 28x28 images: Linear -> activation per hidden layer",
+            {"norm": None},
+        ),
+        "mlp-bn": (
+            "MLP classifier with batch normalization before each hidden activation",
+            {"norm": "batchnorm"},
+        ),
+    },
     example_input_shape=(4, 1, 28, 28),
     test_kwargs={"hidden_sizes": (32, 16)},
 )
-def mlp(**kwargs) -> MLP:
-    return MLP(**{"norm": None, **kwargs})
-
-
-@register_model(
-    "mlp-bn",
-    description="MLP classifier with batch normalization before each hidden activation",
-    example_input_shape=(4, 1, 28, 28),
-    test_kwargs={"hidden_sizes": (32, 16)},
-)
-def mlp_bn(**kwargs) -> MLP:
-    return MLP(**{"norm": "batchnorm", **kwargs})

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "register_model"]
+__all__ = [
+    "ModelEntry",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "register_model",
+    "register_presets",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,29 @@ def register_model(
         return factory
 
     return wrap
+
+
+def register_presets(
+    model_cls: Callable[..., nn.Module],
+    presets: dict[str, tuple[str, dict]],
+    example_input_shape: tuple[int, ...],
+    input_dtype: str = "float",
+    test_kwargs: dict | None = None,
+) -> None:
+    """Register the named presets of one family: ``presets[name] = (description, defaults)``;
+    ``create_model(name, **kwargs)`` builds ``model_cls(**{**defaults, **kwargs})``."""
+    for name, (description, defaults) in presets.items():
+        factory = _preset(model_cls, defaults)
+        factory.__name__ = name.replace("-", "_")
+        tests = dict(test_kwargs or {})
+        register_model(name, description, example_input_shape, input_dtype, tests)(factory)
+
+
+def _preset(model_cls: Callable[..., nn.Module], defaults: dict) -> Callable[..., nn.Module]:
+    def factory(**kwargs) -> nn.Module:
+        return model_cls(**{**defaults, **kwargs})
+
+    return factory
 
 
 def _ensure_loaded() -> None:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from classicnets.models.registry import register_model
+from classicnets.models.registry import register_presets
 from classicnets.nn import BatchNorm
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet"]
@@ -302,48 +302,31 @@ class ResNet(nn.Module):
 
 # --------------------------------------------------------------------------- registered variants
 
-_TEST_KWARGS = {"widths": (4, 8, 8)}
 
-
-@register_model(
-    "resnet-small",
-    description="ResNet of bottleneck blocks for 28x28 images, stages (1, 1, 1) of planes "
-    "16-32-64 (outputs 64-128-256); small and fast on CPU",
+register_presets(
+    ResNet,
+    {
+        "resnet-small": (
+            "ResNet of bottleneck blocks for 28x28 images, stages (1, 1, 1) of planes 16-32-64 "
+            "(outputs 64-128-256); small and fast on CPU",
+            {"block": Bottleneck, "layers": (1, 1, 1), "widths": (16, 32, 64)},
+        ),
+        "resnet-medium": (
+            "ResNet of bottleneck blocks for 28x28 images, stages (2, 2, 2) of planes 16-32-64 "
+            "(outputs 64-128-256): resnet-small with two blocks per stage",
+            {"block": Bottleneck, "layers": (2, 2, 2), "widths": (16, 32, 64)},
+        ),
+        "resnet-bottleneck": (
+            "ResNet of bottleneck blocks for 28x28 images, stages (2, 2, 2) of planes 32-64-128 "
+            "(outputs 128-256-512); the larger variant",
+            {"block": Bottleneck, "layers": (2, 2, 2), "widths": (32, 64, 128)},
+        ),
+        "resnet-basic": (
+            "ResNet of basic blocks (two 3x3 convs) for 28x28 images, stages (2, 2, 2) of widths "
+            "32-64-128",
+            {"block": BasicBlock, "layers": (2, 2, 2), "widths": (32, 64, 128)},
+        ),
+    },
     example_input_shape=(4, 1, 28, 28),
-    test_kwargs=dict(_TEST_KWARGS),
+    test_kwargs={"widths": (4, 8, 8)},
 )
-def resnet_small(**kwargs) -> ResNet:
-    return ResNet(**{"block": Bottleneck, "layers": (1, 1, 1), "widths": (16, 32, 64), **kwargs})
-
-
-@register_model(
-    "resnet-medium",
-    description="ResNet of bottleneck blocks for 28x28 images, stages (2, 2, 2) of planes "
-    "16-32-64 (outputs 64-128-256): resnet-small with two blocks per stage",
-    example_input_shape=(4, 1, 28, 28),
-    test_kwargs=dict(_TEST_KWARGS),
-)
-def resnet_medium(**kwargs) -> ResNet:
-    return ResNet(**{"block": Bottleneck, "layers": (2, 2, 2), "widths": (16, 32, 64), **kwargs})
-
-
-@register_model(
-    "resnet-bottleneck",
-    description="ResNet of bottleneck blocks for 28x28 images, stages (2, 2, 2) of planes "
-    "32-64-128 (outputs 128-256-512); the larger variant",
-    example_input_shape=(4, 1, 28, 28),
-    test_kwargs=dict(_TEST_KWARGS),
-)
-def resnet_bottleneck(**kwargs) -> ResNet:
-    return ResNet(**{"block": Bottleneck, "layers": (2, 2, 2), "widths": (32, 64, 128), **kwargs})
-
-
-@register_model(
-    "resnet-basic",
-    description="ResNet of basic blocks (two 3x3 convs) for 28x28 images, stages (2, 2, 2) of "
-    "widths 32-64-128",
-    example_input_shape=(4, 1, 28, 28),
-    test_kwargs=dict(_TEST_KWARGS),
-)
-def resnet_basic(**kwargs) -> ResNet:
-    return ResNet(**{"block": BasicBlock, "layers": (2, 2, 2), "widths": (32, 64, 128), **kwargs})

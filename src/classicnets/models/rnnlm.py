@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from classicnets.models.registry import register_model
+from classicnets.models.registry import register_presets
 
 __all__ = ["CELLS", "Hidden", "RNNLanguageModel", "detach_hidden"]
 
@@ -149,34 +149,14 @@ class RNNLanguageModel(nn.Module):
 _TINY = {"vocab_size": 10, "hidden_size": 8, "num_layers": 2, "dropout": 0.1}
 
 
-@register_model(
-    "rnnlm-lstm",
-    "word-level LSTM language model (Zaremba et al. 2014)",
+register_presets(
+    RNNLanguageModel,
+    {
+        "rnnlm-lstm": ("word-level LSTM language model (Zaremba et al. 2014)", {"cell": "lstm"}),
+        "rnnlm-rnn-tanh": ("word-level vanilla RNN language model, tanh", {"cell": "rnn_tanh"}),
+        "rnnlm-rnn-relu": ("word-level vanilla RNN language model, ReLU", {"cell": "rnn_relu"}),
+    },
     example_input_shape=(4, 6),
     input_dtype="long",
     test_kwargs=_TINY,
 )
-def rnnlm_lstm(**kwargs) -> RNNLanguageModel:
-    return RNNLanguageModel(cell="lstm", **kwargs)
-
-
-@register_model(
-    "rnnlm-rnn-tanh",
-    "word-level vanilla RNN language model, tanh",
-    example_input_shape=(4, 6),
-    input_dtype="long",
-    test_kwargs=_TINY,
-)
-def rnnlm_rnn_tanh(**kwargs) -> RNNLanguageModel:
-    return RNNLanguageModel(cell="rnn_tanh", **kwargs)
-
-
-@register_model(
-    "rnnlm-rnn-relu",
-    "word-level vanilla RNN language model, ReLU",
-    example_input_shape=(4, 6),
-    input_dtype="long",
-    test_kwargs=_TINY,
-)
-def rnnlm_rnn_relu(**kwargs) -> RNNLanguageModel:
-    return RNNLanguageModel(cell="rnn_relu", **kwargs)

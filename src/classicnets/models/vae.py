@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classicnets.models.mlp import make_activation
-from classicnets.models.registry import register_model
+from classicnets.models.registry import register_presets
 
 __all__ = [
     "RECONSTRUCTIONS",
@@ -232,22 +232,18 @@ class VAE(nn.Module):
         return torch.sigmoid(self.decode(z, y)).reshape(z.shape[0], 1, 28, 28)
 
 
-@register_model(
-    "vae",
-    description="VAE for MNIST: 784-128-64, latent 32, dropout, softplus scale; "
-    "returns (logits, mu, scale)",
+register_presets(
+    VAE,
+    {
+        "vae": (
+            "VAE for MNIST: 784-128-64, latent 32, dropout, softplus scale; returns (logits, mu, "
+            "scale)",
+            {},
+        ),
+        "cvae": (
+            "conditional VAE for MNIST: one-hot digit into encoder and decoder (y defaults to 0)",
+            {"num_classes": 10},
+        ),
+    },
     example_input_shape=(4, 1, 28, 28),
 )
-def vae(**kwargs) -> VAE:
-    return VAE(**kwargs)
-
-
-@register_model(
-    "cvae",
-    description="conditional VAE for MNIST: one-hot digit into encoder and decoder "
-    "(y defaults to 0)",
-    example_input_shape=(4, 1, 28, 28),
-)
-def cvae(**kwargs) -> VAE:
-    kwargs.setdefault("num_classes", 10)
-    return VAE(**kwargs)
