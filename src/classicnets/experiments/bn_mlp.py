@@ -18,12 +18,13 @@ import torch
 
 from classicnets.experiments.common import (
     Experiment,
-    Stopwatch,
+    Job,
     TrainingOptions,
     evaluate_classifiers,
     load_classifiers,
     load_image_data,
     train_settings,
+    train_variants,
 )
 from classicnets.models.mlp import ACTIVATIONS, MLP
 from classicnets.report.curves import Curve, plot_curves
@@ -136,37 +137,28 @@ def sigmoid_input_hook(probe: torch.Tensor, unit: int):
     return hook
 
 
-def run(
-    config: BNMLPConfig,
-    run_dir: RunDir,
-    device: str = "cpu",
-    resume: bool = False,
-    *,
-    clock: Stopwatch,
-) -> dict:
+def run(config: BNMLPConfig, job: Job) -> dict:
     """Train the variants and write the plots; return the summary (``run_lifecycle`` writes it
     and the report)."""
     data = load_image_data(
-        config.dataset, config.data_dir, device, config.train_limit, config.download
+        config.dataset, config.data_dir, job.device, config.train_limit, config.download
     )
     hooks = [sigmoid_input_hook(data.test_x, config.watch_unit)]
-    results: dict[str, Any] = {}
-    for variant in config.variants:
-        torch.manual_seed(config.seed)  # same initialization stream for both variants
-        model = build_model(config, variant).to(device)
-        settings = _settings(config, variant)
-        results[variant] = train_classifier(
-            model, data, settings, run_dir, variant, eval_hooks=hooks, resume=resume
+
+    def train(variant: str) -> dict:
+        model, settings = build_model(config, variant).to(job.device), _settings(config, variant)
+        result = train_classifier(
+            model, data, settings, job.run_dir, variant, eval_hooks=hooks, resume=job.resume
         )
-        results[variant]["lr"] = settings.lr
-        if not results[variant]["complete"]:
-            break  # stopped on request: the next variant starts when the run is resumed
-    summary = _summary(config, run_dir, results, clock.elapsed(), device)
-    write_plots(run_dir)
+        return {**result, "lr": settings.lr}
+
+    results = train_variants(config.variants, config.seed, train)
+    summary = _summary(config, job.run_dir, results, job.device)
+    write_plots(job.run_dir)
     return summary
 
 
-def _summary(config, run_dir, results, wall_time, device) -> dict[str, Any]:
+def _summary(config, run_dir, results, device) -> dict[str, Any]:
     complete = all(results.get(v, {}).get("complete") for v in config.variants)
     variants = {}
     for variant, r in results.items():
@@ -191,7 +183,6 @@ def _summary(config, run_dir, results, wall_time, device) -> dict[str, Any]:
     return {
         "title": "bn-mlp: MLP with and without batch normalization (Ioffe & Szegedy 2015, Fig. 1)",
         "status": "complete" if complete else "stopped",
-        "wall_time_s": wall_time,
         "variants": variants,
         "notes": notes,
     }

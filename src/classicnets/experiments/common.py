@@ -34,6 +34,7 @@ __all__ = [
     "EXPERIMENTS",
     "Experiment",
     "ExperimentError",
+    "Job",
     "SampleRequest",
     "TrainedModel",
     "load_checkpointed",
@@ -53,6 +54,7 @@ __all__ = [
     "run_experiment",
     "run_lifecycle",
     "train_settings",
+    "train_variants",
 ]
 
 
@@ -112,8 +114,8 @@ class Experiment:
     Attributes:
         name, description: for ``classicnets list``.
         config_cls: the config dataclass (``quick()`` gives the quick variant).
-        run: ``run(config, run_dir, device, resume, *, clock) -> summary``: trains and plots;
-            ``run_lifecycle`` checks, times, writes the summary and the report around it.
+        run: ``run(config, job: Job) -> summary``: trains and plots; ``run_lifecycle`` times,
+            seeds, writes the summary (with the wall time) and the report around it.
         evaluate: ``evaluate(config, run_dir, device) -> {variant: metrics}``.
         load_models: ``load_models(config, run_dir, device) -> {variant: TrainedModel}``, the
             trained models in eval mode with what an exporter needs to know about them.
@@ -128,6 +130,32 @@ class Experiment:
     evaluate: Callable[..., dict[str, Any]]
     load_models: Callable[..., dict[str, TrainedModel]] | None = None
     sample: Callable[..., str] | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What ``run_lifecycle`` hands an experiment's ``run``: the run folder, the device and
+    whether the run resumes from its checkpoints."""
+
+    run_dir: RunDir
+    device: str
+    resume: bool
+
+
+def train_variants(variants, seed: int, train_one: Callable[[str], dict]) -> dict[str, dict]:
+    """``{variant: train_one(variant)}`` in order, each started from ``torch.manual_seed(seed)``
+    (the same initialization stream for every variant). It stops after a variant that was
+    stopped on request (``stop_after``, a signal: ``complete`` false or ``status`` "stopped"),
+    so that the next ones start when the run is resumed."""
+    import torch
+
+    results: dict[str, dict] = {}
+    for variant in variants:
+        torch.manual_seed(seed)
+        results[variant] = result = train_one(variant)
+        if result.get("status", "complete" if result.get("complete") else "stopped") == "stopped":
+            break
+    return results
 
 
 @dataclass
@@ -260,7 +288,8 @@ def run_lifecycle(experiment: Experiment, config, run: RunDir, device: str, resu
 
     clock = Stopwatch(run.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
     set_deterministic(config.deterministic)
-    summary = experiment.run(config, run, device=device, resume=resume, clock=clock)
+    summary = experiment.run(config, Job(run, device, resume))
+    summary["wall_time_s"] = clock.elapsed()
     run.write_summary(summary)
     if run.writer:  # rank 0 of a torchrun job
         from classicnets.report import write_report

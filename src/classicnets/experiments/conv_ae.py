@@ -28,12 +28,13 @@ import torch
 from classicnets.experiments.common import (
     Experiment,
     ExperimentError,
+    Job,
     SampleRequest,
-    Stopwatch,
     TrainingOptions,
     load_checkpointed,
     load_image_data,
     train_settings,
+    train_variants,
 )
 from classicnets.models.autoencoder import UPSAMPLING, ConvAutoencoder
 from classicnets.report.curves import Curve, plot_curves
@@ -126,31 +127,23 @@ def _data(config: ConvAEConfig, device: str) -> ClassificationData:
     )
 
 
-def run(
-    config: ConvAEConfig,
-    run_dir: RunDir,
-    device: str = "cpu",
-    resume: bool = False,
-    *,
-    clock: Stopwatch,
-) -> dict:
+def run(config: ConvAEConfig, job: Job) -> dict:
     """Train the variants, write the plots and the reconstruction grid; return the summary."""
-    data = _data(config, device)
+    run_dir = job.run_dir
+    data = _data(config, job.device)
     steps = config.epochs * (len(data.train_x) // config.batch_size)
-    results: dict[str, Any] = {}
+    settings = train_settings(config, steps=steps, nesterov=False, eval_batch_size=2000)
     models: dict[str, ConvAutoencoder] = {}
-    for variant in config.variants:
-        torch.manual_seed(config.seed)  # the same initialization stream for every variant
-        model = build_model(config, variant).to(device)
-        settings = train_settings(config, steps=steps, nesterov=False, eval_batch_size=2000)
-        results[variant] = train_autoencoder(
-            model, data, settings, run_dir, variant, loss=config.loss, resume=resume
+
+    def train(variant: str) -> dict:
+        models[variant] = model = build_model(config, variant).to(job.device)
+        result = train_autoencoder(
+            model, data, settings, run_dir, variant, loss=config.loss, resume=job.resume
         )
-        results[variant]["parameters"] = sum(p.numel() for p in model.parameters())
-        models[variant] = model
-        if not results[variant]["complete"]:
-            break  # stopped on request: the next variant starts when the run is resumed
-    summary = _summary(config, results, clock.elapsed(), device, steps)
+        return {**result, "parameters": sum(p.numel() for p in model.parameters())}
+
+    results = train_variants(config.variants, config.seed, train)
+    summary = _summary(config, results, job.device, steps)
     if not run_dir.writer:  # rank > 0 of a torchrun job
         return summary
     write_plots(run_dir)
@@ -163,7 +156,7 @@ def run(
     return summary
 
 
-def _summary(config, results, wall_time, device, steps) -> dict[str, Any]:
+def _summary(config, results, device, steps) -> dict[str, Any]:
     complete = all(results.get(v, {}).get("complete") for v in config.variants)
     variants = {
         variant: {
@@ -190,7 +183,6 @@ def _summary(config, results, wall_time, device, steps) -> dict[str, Any]:
     return {
         "title": "conv-ae: convolutional autoencoder, decoder upsampling by output size",
         "status": "complete" if complete else "stopped",
-        "wall_time_s": wall_time,
         "variants": variants,
         "notes": notes,
     }

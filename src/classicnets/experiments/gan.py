@@ -30,11 +30,12 @@ import torch
 from classicnets.experiments.common import (
     Experiment,
     ExperimentError,
+    Job,
     SampleRequest,
-    Stopwatch,
     TrainingOptions,
     load_checkpointed,
     load_image_data,
+    train_variants,
 )
 from classicnets.experiments.config import NON_NEGATIVE, Range
 from classicnets.models.gan import GAN
@@ -253,15 +254,9 @@ class _Scoring:
 # --------------------------------------------------------------------------------------------
 
 
-def run(
-    config: GANConfig,
-    run_dir: RunDir,
-    device: str = "cpu",
-    resume: bool = False,
-    *,
-    clock: Stopwatch,
-) -> dict:
+def run(config: GANConfig, job: Job) -> dict:
     """Train the variants, score them, write grids and plots; return the summary."""
+    run_dir, device, resume = job.run_dir, job.device, job.resume
     from classicnets.train.gan import train_gan
 
     data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)
@@ -274,32 +269,38 @@ def run(
         return scoring
 
     settings = _settings(config)
-    results: dict[str, Any] = {}
-    for variant in config.variants:
-        torch.manual_seed(config.seed)  # same initialization and noise stream for both variants
+
+    def train(variant: str) -> dict:  # the same initialization and noise stream for both
         model = build_model(config, variant).to(device)
         hook = get_scoring().eval_hook() if config.eval_every else None
-        results[variant] = train_gan(
+        result = train_gan(
             model, data.train_x, data.train_y, settings, run_dir, variant, resume, hook
         )
-        if not results[variant]["complete"]:
-            break  # stopped on request: the next variant starts when the run is resumed
-        scores = get_scoring().score(model.generator, config.score_samples, config.score_seed)
-        results[variant]["scores"] = scores
-        _final_grid(run_dir, variant, results[variant].get("grid"))
-        if "label_confusion_matrix" in scores and run_dir.writer:
-            from classicnets.metrics import plot_confusion_matrices
-
-            plot_confusion_matrices(
-                run_dir.plots / f"confusion_{variant}.png",
-                scores["label_confusion_matrix"],
-                [str(k) for k in range(NUM_CLASSES)],
-                title=f"{variant} samples: digit asked for (rows) x recognised (columns), "
-                f"{100 * scores['label_accuracy']:.1f}% as asked",
+        if result["complete"]:
+            result["scores"] = scores = get_scoring().score(
+                model.generator, config.score_samples, config.score_seed
             )
-    summary = _summary(config, results, scoring, clock.elapsed(), device)
+            _final_grid(run_dir, variant, result.get("grid"))
+            _confusion(run_dir, variant, scores)
+        return result
+
+    results = train_variants(config.variants, config.seed, train)
+    summary = _summary(config, results, scoring, device)
     write_plots(run_dir, config)
     return summary
+
+
+def _confusion(run_dir: RunDir, variant: str, scores: dict) -> None:
+    if "label_confusion_matrix" in scores and run_dir.writer:
+        from classicnets.metrics import plot_confusion_matrices
+
+        plot_confusion_matrices(
+            run_dir.plots / f"confusion_{variant}.png",
+            scores["label_confusion_matrix"],
+            [str(k) for k in range(NUM_CLASSES)],
+            title=f"{variant} samples: digit asked for (rows) x recognised (columns), "
+            f"{100 * scores['label_accuracy']:.1f}% as asked",
+        )
 
 
 def _final_grid(run_dir: RunDir, variant: str, grid: str | None) -> None:
@@ -311,7 +312,7 @@ def _final_grid(run_dir: RunDir, variant: str, grid: str | None) -> None:
         shutil.copyfile(source.with_suffix(suffix), run_dir.plots / f"{variant}_grid{suffix}")
 
 
-def _summary(config, results, scoring, wall_time, device) -> dict[str, Any]:
+def _summary(config, results, scoring, device) -> dict[str, Any]:
     complete = all(results.get(v, {}).get("complete") for v in config.variants)
     variants: dict[str, Any] = {}
     notes = [
@@ -341,7 +342,6 @@ def _summary(config, results, scoring, wall_time, device) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "title": "gan: GAN and conditional GAN on MNIST, scored by an MNIST classifier",
         "status": "complete" if complete else "stopped",
-        "wall_time_s": wall_time,
         "variants": variants,
     }
     if scoring is not None:

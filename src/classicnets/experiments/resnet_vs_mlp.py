@@ -16,13 +16,14 @@ import torch
 
 from classicnets.experiments.common import (
     Experiment,
-    Stopwatch,
+    Job,
     TrainingOptions,
     classifier_evaluation,
     evaluate_classifiers,
     load_classifiers,
     load_image_data,
     train_settings,
+    train_variants,
 )
 from classicnets.models import MLP, create_model, model_entry
 from classicnets.report.curves import Curve, plot_curves
@@ -116,48 +117,35 @@ def _steps(config: ResNetVsMLPConfig, train_size: int) -> int:
     return config.epochs * (train_size // config.batch_size)
 
 
-def run(
-    config: ResNetVsMLPConfig,
-    run_dir: RunDir,
-    device: str = "cpu",
-    resume: bool = False,
-    *,
-    clock: Stopwatch,
-) -> dict:
+def run(config: ResNetVsMLPConfig, job: Job) -> dict:
     """Train both models, write confusion matrices and plots; return the summary."""
     from classicnets.data.augment import random_shift
 
     data = load_image_data(
-        config.dataset, config.data_dir, device, config.train_limit, config.download
+        config.dataset, config.data_dir, job.device, config.train_limit, config.download
     )
     steps = _steps(config, len(data.train_x))
 
     def augment(x, step):
         return random_shift(x, step, config.max_shift, config.seed)
 
-    results: dict[str, Any] = {}
-    for variant in config.variants:
-        torch.manual_seed(config.seed)
-        model = build_model(config, variant).to(device)
+    def train(variant: str) -> dict:
+        model = build_model(config, variant).to(job.device)
         lr = config.lr_resnet if variant == "resnet" else config.lr_mlp
         settings = train_settings(config, steps=steps, lr=lr, eval_batch_size=2000)
-        results[variant] = train_classifier(
-            model,
-            data,
-            settings,
-            run_dir,
-            variant,
-            resume=resume,
-            augment=augment if config.max_shift else None,
-        )
-        results[variant].update(lr=lr, parameters=sum(p.numel() for p in model.parameters()))
-        if not results[variant]["complete"]:
-            break
-        evaluation = classifier_evaluation(model, data, config.dataset)
-        results[variant]["macro_f1"] = evaluation["macro_f1"]
-        evaluation_plots(run_dir, variant, evaluation)
-    summary = _summary(config, results, clock.elapsed(), device, steps)
-    write_plots(run_dir)
+        shift = augment if config.max_shift else None
+        result = train_classifier(model, data, settings, job.run_dir, variant,
+                                  resume=job.resume, augment=shift)  # fmt: skip
+        result.update(lr=lr, parameters=sum(p.numel() for p in model.parameters()))
+        if result["complete"]:
+            evaluation = classifier_evaluation(model, data, config.dataset)
+            result["macro_f1"] = evaluation["macro_f1"]
+            evaluation_plots(job.run_dir, variant, evaluation)
+        return result
+
+    results = train_variants(config.variants, config.seed, train)
+    summary = _summary(config, results, job.device, steps)
+    write_plots(job.run_dir)
     return summary
 
 
@@ -173,7 +161,7 @@ def evaluation_plots(run_dir: RunDir, variant: str, evaluation: dict) -> None:
         )
 
 
-def _summary(config, results, wall_time, device, steps) -> dict[str, Any]:
+def _summary(config, results, device, steps) -> dict[str, Any]:
     complete = all(results.get(v, {}).get("complete") for v in config.variants)
     variants = {
         v: {
@@ -190,7 +178,6 @@ def _summary(config, results, wall_time, device, steps) -> dict[str, Any]:
     return {
         "title": f"resnet-vs-mlp on {config.dataset}: {config.resnet_model} against a plain MLP",
         "status": "complete" if complete else "stopped",
-        "wall_time_s": wall_time,
         "variants": variants,
         "notes": [
             f"{config.epochs} epochs ({steps} steps of {config.batch_size}) for each model, "

@@ -26,9 +26,10 @@ import torch
 from classicnets.experiments.common import (
     Experiment,
     ExperimentError,
+    Job,
     SampleRequest,
-    Stopwatch,
     TrainedModel,
+    train_variants,
 )
 from classicnets.experiments.config import Range
 from classicnets.models.rnnlm import CELLS, RNNLanguageModel
@@ -229,15 +230,9 @@ def _vocabulary_path(run_dir: RunDir):
     return run_dir.path / "vocabulary.txt"
 
 
-def run(
-    config: RNNvsLSTMConfig,
-    run_dir: RunDir,
-    device: str = "cpu",
-    resume: bool = False,
-    *,
-    clock: Stopwatch,
-) -> dict:
+def run(config: RNNvsLSTMConfig, job: Job) -> dict:
     """Train every variant and write the plots; return the summary."""
+    run_dir, device, resume = job.run_dir, job.device, job.resume
     from classicnets.data.ptb import load_ptb
     from classicnets.files import atomic_write_text
     from classicnets.train.language_model import train_language_model
@@ -247,20 +242,21 @@ def run(
     valid, test = corpus.valid[: config.eval_limit], corpus.test[: config.eval_limit]
     if run_dir.writer:  # sampling and exporters need the words, not the data files
         atomic_write_text(_vocabulary_path(run_dir), "\n".join(corpus.vocabulary.words) + "\n")
-    results: dict[str, Any] = {}
-    for variant in config.variants:
-        torch.manual_seed(config.seed)  # the same initialization stream for every model
+
+    def train_one(variant: str) -> dict:
         model = build_model(config, variant, len(corpus.vocabulary)).to(device)
         settings = lm_settings(config, variant)
-        results[variant] = train_language_model(
+        result = train_language_model(
             model, train, settings, run_dir, variant, valid, test, resume=resume
         )
-        results[variant].update(
-            lr=settings.lr, parameters=sum(p.numel() for p in model.parameters())
-        )
-        if results[variant]["status"] == "stopped":
-            break  # stopped on request: the next variants start when the run is resumed
-    summary = _summary(config, run_dir, results, clock.elapsed(), device, len(train))
+        return {
+            **result,
+            "lr": settings.lr,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+
+    results = train_variants(config.variants, config.seed, train_one)
+    summary = _summary(config, run_dir, results, device, len(train))
     if run_dir.writer:
         write_plots(run_dir)
     return summary
@@ -301,7 +297,7 @@ def perplexity_table(run_dir: RunDir, variants) -> list[str]:
     return lines
 
 
-def _summary(config, run_dir, results, wall_time, device, train_tokens) -> dict[str, Any]:
+def _summary(config, run_dir, results, device, train_tokens) -> dict[str, Any]:
     p = config.resolved()
     finished = all(
         results.get(v, {}).get("status") in ("complete", "diverged") for v in config.variants
@@ -353,7 +349,6 @@ def _summary(config, run_dir, results, wall_time, device, train_tokens) -> dict[
     return {
         "title": f"rnn-vs-lstm ({config.config}): vanilla RNN (tanh, ReLU) against LSTM on PTB",
         "status": "complete" if finished else "stopped",
-        "wall_time_s": wall_time,
         "variants": variants,
         "perplexity_per_epoch": {
             v: {s: [c[s][e] for e in sorted(c[s])] for s in ("valid", "test") if s in c}

@@ -34,12 +34,13 @@ from torch import Tensor
 from classicnets.experiments.common import (
     Experiment,
     ExperimentError,
+    Job,
     SampleRequest,
-    Stopwatch,
     TrainingOptions,
     load_checkpointed,
     load_image_data,
     train_settings,
+    train_variants,
 )
 from classicnets.models.mlp import ACTIVATIONS
 from classicnets.models.vae import VAE
@@ -167,39 +168,25 @@ def _data(config: VAEConfig, device: str):
 # --------------------------------------------------------------------------- run
 
 
-def run(
-    config: VAEConfig,
-    run_dir: RunDir,
-    device: str = "cpu",
-    resume: bool = False,
-    *,
-    clock: Stopwatch,
-) -> dict:
+def run(config: VAEConfig, job: Job) -> dict:
     """Train the variants, score them, write grids and plots; return the summary."""
+    run_dir, device, resume = job.run_dir, job.device, job.resume
     data = _data(config, device)
     steps = _steps(config, len(data.train_x))
     steps_per_epoch = len(data.train_x) // config.batch_size
-    results: dict[str, Any] = {}
+    settings = train_settings(config, steps=steps, momentum=0.0, nesterov=False)
     models: dict[str, VAE] = {}
-    for variant in config.variants:
-        torch.manual_seed(config.seed)  # the same initialization stream for every variant
+
+    def train(variant: str) -> dict:
         model = build_model(config, variant).to(device)
-        settings = train_settings(config, steps=steps, momentum=0.0, nesterov=False)
-        results[variant] = train_vae(
-            model,
-            data,
-            settings,
-            run_dir,
-            variant,
-            reconstruction=reconstruction_of(variant),
-            eval_seed=config.eval_seed,
-            resume=resume,
-            kl_warmup_steps=round(_warmup_epochs(config, variant) * steps_per_epoch),
-        )
-        results[variant]["parameters"] = sum(p.numel() for p in model.parameters())
-        if not results[variant]["complete"]:
-            break  # stopped on request: the next variants start when the run is resumed
-        models[variant] = model.eval()
+        warmup = round(_warmup_epochs(config, variant) * steps_per_epoch)
+        result = train_vae(model, data, settings, run_dir, variant, reconstruction_of(variant),
+                           config.eval_seed, resume=resume, kl_warmup_steps=warmup)  # fmt: skip
+        if result["complete"]:
+            models[variant] = model.eval()
+        return {**result, "parameters": sum(p.numel() for p in model.parameters())}
+
+    results = train_variants(config.variants, config.seed, train)
     complete = len(models) == len(config.variants)
     references: dict[str, float] = {}
     scorer_info: dict[str, Any] = {}
@@ -211,9 +198,7 @@ def run(
             results[variant].update(score_variant(config, model, variant, scorer, test_features))
             write_grids(config, run_dir, variant, model, data.test_x, data.test_y)
         scorer_info = {"source": scorer.source, "test_accuracy": scorer.test_accuracy}
-    summary = _summary(
-        config, results, references, scorer_info, clock.elapsed(), device, steps, complete
-    )
+    summary = _summary(config, results, references, scorer_info, device, steps, complete)
     write_plots(run_dir, results)
     return summary
 
@@ -384,9 +369,7 @@ def write_grids(config: VAEConfig, run_dir: RunDir, variant: str, model: VAE, te
 # --------------------------------------------------------------------------- summary, plots
 
 
-def _summary(
-    config, results, references, scorer, wall_time, device, steps, complete
-) -> dict[str, Any]:
+def _summary(config, results, references, scorer, device, steps, complete) -> dict[str, Any]:
     variants = {}
     for variant in config.variants:
         if variant not in results:
@@ -432,7 +415,6 @@ def _summary(
     summary = {
         "title": "vae: VAE and conditional VAE on MNIST, cross-entropy vs squared error",
         "status": "complete" if complete else "stopped",
-        "wall_time_s": wall_time,
         "variants": variants,
         "notes": notes,
     }
