@@ -476,27 +476,22 @@ def _slice(x, a):
     return x[tuple(index)]
 
 
+def _at(layer: dict, *names: str) -> tuple:
+    """The layer's attributes ``names``, in order (the arguments of its function)."""
+    return tuple(layer["attrs"][name] for name in names)
+
+
 # op -> run(layer, input arrays, tensors by role) -> array or tuple of arrays
 _RUN: dict[str, Callable[[dict, list, dict], Any]] = {
     "linear": lambda L, xs, t: linear(xs[0], t["weight"], t.get("bias")),
     "conv2d": lambda L, xs, t: conv2d(
-        xs[0],
-        t["weight"],
-        t.get("bias"),
-        L["attrs"]["stride"],
-        L["attrs"]["padding"],
-        L["attrs"]["dilation"],
-        L["attrs"]["groups"],
-    ),  # fmt: skip
+        xs[0], t["weight"], t.get("bias"), *_at(L, "stride", "padding", "dilation", "groups")
+    ),
     "conv_transpose2d": lambda L, xs, t: conv_transpose2d(
         xs[0],
         t["weight"],
         t.get("bias"),
-        L["attrs"]["stride"],
-        L["attrs"]["padding"],
-        L["attrs"]["output_padding"],
-        L["attrs"]["dilation"],
-        L["attrs"]["groups"],
+        *_at(L, "stride", "padding", "output_padding", "dilation", "groups"),
     ),  # fmt: skip
     "batch_norm": lambda L, xs, t: batch_norm_inference(
         xs[0],
@@ -504,8 +499,7 @@ _RUN: dict[str, Callable[[dict, list, dict], Any]] = {
         t["running_var"],
         t.get("weight"),
         t.get("bias"),
-        L["attrs"]["eps"],
-        L["attrs"]["axis"],
+        *_at(L, "eps", "axis"),
     ),  # fmt: skip
     "embedding": lambda L, xs, t: embedding(xs[0], t["weight"]),
     "rnn": _run_rnn,
@@ -521,21 +515,11 @@ _RUN: dict[str, Callable[[dict, list, dict], Any]] = {
     "softmax": lambda L, xs, t: softmax(xs[0], L["attrs"]["axis"]),
     "log_softmax": lambda L, xs, t: log_softmax(xs[0], L["attrs"]["axis"]),
     "max_pool2d": lambda L, xs, t: max_pool2d(
-        xs[0],
-        L["attrs"]["kernel_size"],
-        L["attrs"]["stride"],
-        L["attrs"]["padding"],
-        L["attrs"]["dilation"],
-        L["attrs"]["ceil_mode"],
-    ),  # fmt: skip
+        xs[0], *_at(L, "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    ),
     "avg_pool2d": lambda L, xs, t: avg_pool2d(
-        xs[0],
-        L["attrs"]["kernel_size"],
-        L["attrs"]["stride"],
-        L["attrs"]["padding"],
-        L["attrs"]["ceil_mode"],
-        L["attrs"]["count_include_pad"],
-    ),  # fmt: skip
+        xs[0], *_at(L, "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+    ),
     "upsample_nearest2d": lambda L, xs, t: upsample_nearest2d(xs[0], L["attrs"]["size"]),
     "average_unpool2d": lambda L, xs, t: average_unpool2d(xs[0], L["attrs"]["size"]),
     "upsample_bilinear2d": lambda L, xs, t: upsample_bilinear2d(
