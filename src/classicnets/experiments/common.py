@@ -257,6 +257,7 @@ def run_experiment(
     config = apply_overrides(config, list(overrides or []))
     device = resolve_device(device)
     ctx = init_from_env(device)  # torchrun: one process per device; else a no-op
+    finished = False
     try:
         with contextlib.ExitStack() as stack:
             # Rank 0 makes the folder, holds its lock and writes it; the others learn its name
@@ -273,8 +274,9 @@ def run_experiment(
                     _record_divergence(run, exc)
                     _remove_if_empty(run)
                 raise
+            finished = True
     finally:
-        shutdown()
+        shutdown(finished)
     return run.path, summary
 
 
@@ -352,18 +354,21 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
     experiment, config, run, record = _load(run_dir)
     device = resolve_device(device or record["config"].get("_device", "auto"))
     ctx = init_from_env(device)
+    finished = False
     try:
         with contextlib.ExitStack() as stack:
             if ctx.is_main:  # one writer: a second resume, or a run still going, is refused
                 stack.enter_context(hold_run(run.path))
             run.writer = ctx.is_main
             try:
-                return run_lifecycle(experiment, config, run, ctx.device, resume=True)
+                summary = run_lifecycle(experiment, config, run, ctx.device, resume=True)
             except Exception as exc:
                 _record_divergence(run, exc)
                 raise
+            finished = True
+            return summary
     finally:
-        shutdown()
+        shutdown(finished)
 
 
 def load_trained_models(run_dir: str | Path, device: str = "auto") -> dict[str, TrainedModel]:

@@ -111,8 +111,14 @@ def init_from_env(device: str) -> DistributedContext:
     return context
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """End the process group. ``finished``: every process got here without an error, so they
+    first wait for each other (a barrier): a process that tears its group down while another
+    still writes the run folder can abort in gloo's teardown ("terminate called without an
+    active exception"). After an error there is no barrier: the others may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
     set_context(DistributedContext())
 

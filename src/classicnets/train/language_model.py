@@ -364,10 +364,11 @@ class LanguageModelTask(Task):
         tensors = self.state.extra_tensors
         for i, h in enumerate(_parts(self.hidden)):
             h = h.detach()
-            if self.context.enabled:  # the rows of every process, in order
-                pieces = [torch.empty_like(h) for _ in range(self.context.world_size)]
-                dist.all_gather(pieces, h.contiguous())
-                h = torch.cat(pieces, dim=1)
+            if self.context.enabled:  # the rows of every process, in order (zeros elsewhere)
+                every = h.new_zeros(h.shape[0], self.global_batch, *h.shape[2:])
+                every[:, self.local] = h
+                dist.all_reduce(every)
+                h = every
             tensors[f"hidden.{i}"] = h
         if self.context.enabled:  # the mean of the processes' sums: the epoch's mean is kept
             dist.all_reduce(tensors["epoch_nll"])
