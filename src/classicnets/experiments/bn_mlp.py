@@ -20,8 +20,6 @@ from classicnets.experiments.common import (
     Experiment,
     Job,
     TrainingOptions,
-    evaluate_classifiers,
-    load_classifiers,
     load_image_data,
     train_settings,
     train_variants,
@@ -240,21 +238,10 @@ def write_plots(run_dir: RunDir) -> list:
     return written
 
 
-def evaluate_trained(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
-    """Test metrics and confusion matrix of each variant's newest checkpoint."""
-    return evaluate_classifiers(build_model, config, run_dir, config.variants, device)
-
-
-def load_models(config: BNMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
-    """Each variant's newest checkpoint as a ``TrainedModel`` (for export)."""
-    return load_classifiers(build_model, config, run_dir, config.variants, device)
-
-
-EXPERIMENT = Experiment(
-    name="bn-mlp",
-    description="MLP with vs without BatchNorm on MNIST (Ioffe & Szegedy 2015, Figure 1)",
-    config_cls=BNMLPConfig,
-    run=run,
-    evaluate=evaluate_trained,
-    load_models=load_models,
+EXPERIMENT = Experiment.of_classifiers(
+    "bn-mlp",
+    "MLP with vs without BatchNorm on MNIST (Ioffe & Szegedy 2015, Figure 1)",
+    BNMLPConfig,
+    run,
+    build_model,
 )

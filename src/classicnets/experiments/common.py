@@ -131,6 +131,22 @@ class Experiment:
     load_models: Callable[..., dict[str, TrainedModel]] | None = None
     sample: Callable[..., str] | None = None
 
+    @classmethod
+    def of_classifiers(
+        cls, name: str, description: str, config_cls: type, run: Callable, build_model: Callable
+    ) -> Experiment:
+        """An experiment that trains MNIST classifiers (``build_model(config, variant)``): its
+        ``evaluate`` gives each variant's test metrics and confusion matrix, ``load_models``
+        its newest checkpoint for export."""
+
+        def evaluate(config, run_dir: RunDir, device: str = "cpu") -> dict:
+            return evaluate_classifiers(build_model, config, run_dir, config.variants, device)
+
+        def load_models(config, run_dir: RunDir, device: str = "cpu") -> dict:
+            return load_classifiers(build_model, config, run_dir, config.variants, device)
+
+        return cls(name, description, config_cls, run, evaluate, load_models)
+
 
 @dataclass(frozen=True)
 class Job:

@@ -19,8 +19,6 @@ from classicnets.experiments.common import (
     Job,
     TrainingOptions,
     classifier_evaluation,
-    evaluate_classifiers,
-    load_classifiers,
     load_image_data,
     train_settings,
     train_variants,
@@ -199,21 +197,10 @@ def write_plots(run_dir: RunDir) -> None:
         plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
 
 
-def evaluate_trained(config: ResNetVsMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
-    """Test metrics and confusion matrix of each variant's newest checkpoint."""
-    return evaluate_classifiers(build_model, config, run_dir, config.variants, device)
-
-
-def load_models(config: ResNetVsMLPConfig, run_dir: RunDir, device: str = "cpu") -> dict:
-    """Each variant's newest checkpoint as a ``TrainedModel`` (for export)."""
-    return load_classifiers(build_model, config, run_dir, config.variants, device)
-
-
-EXPERIMENT = Experiment(
-    name="resnet-vs-mlp",
-    description="ResNet (bottleneck blocks) against a plain MLP on MNIST, confusion matrices",
-    config_cls=ResNetVsMLPConfig,
-    run=run,
-    evaluate=evaluate_trained,
-    load_models=load_models,
+EXPERIMENT = Experiment.of_classifiers(
+    "resnet-vs-mlp",
+    "ResNet (bottleneck blocks) against a plain MLP on MNIST, confusion matrices",
+    ResNetVsMLPConfig,
+    run,
+    build_model,
 )
