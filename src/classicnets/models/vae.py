@@ -83,7 +83,8 @@ def reconstruction_loss(logits: Tensor, target: Tensor, kind: str = "bce") -> Te
     """Reconstruction error per example, summed over pixels.
 
     Args:
-        logits: ``[N, D]`` decoder outputs (pixel logits).
+        logits: ``[N, D]`` decoder outputs (pixel logits), or ``[N, ...]`` (an autoencoder's
+            ``[N, C, H, W]``), flattened to ``[N, D]``.
         target: ``[N, ...]`` images in [0, 1] (flattened to ``[N, D]``).
         kind: ``"bce"``: Bernoulli cross-entropy ``-x log p - (1 - x) log(1 - p)`` with
             ``p = sigmoid(logits)``, computed stably from the logits (nats; for grey-level
@@ -93,7 +94,7 @@ def reconstruction_loss(logits: Tensor, target: Tensor, kind: str = "bce") -> Te
     Returns:
         ``[N]``.
     """
-    target = target.reshape(target.shape[0], -1)  # (N, D)
+    logits, target = logits.flatten(1), target.reshape(target.shape[0], -1)  # (N, D) each
     if kind == "bce":
         per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     elif kind == "mse":

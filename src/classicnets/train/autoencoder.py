@@ -7,7 +7,9 @@ cross-entropy on labels:
 - ``"bce"``: Bernoulli cross-entropy of each pixel intensity ``x`` in [0, 1] under the
   reconstruction ``sigmoid(logit)``, ``-x log p - (1 - x) log(1 - p)``, computed from the logits
   (``F.binary_cross_entropy_with_logits``, stable for confident pixels);
-- ``"mse"``: squared error ``(p - x)^2`` of the intensities.
+- ``"mse"``: squared error ``(p - x)^2`` of the intensities;
+
+both ``models.vae.reconstruction_loss``, the VAE's own.
 
 The training loss is **summed over the pixels of an image and averaged over the batch** (nats per
 image for ``"bce"``), the convention of the VAE papers (Kingma & Welling 2013), so its size does
@@ -29,10 +31,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from classicnets.data.batching import iterate_in_order
+from classicnets.models.vae import RECONSTRUCTIONS, reconstruction_loss
 from classicnets.train.fit import fit
 from classicnets.train.precision import inputs_channels_last
 from classicnets.train.run import RunDir
@@ -46,25 +48,7 @@ __all__ = [
     "train_autoencoder",
 ]
 
-RECONSTRUCTION_LOSSES = ("bce", "mse")
-
-
-def reconstruction_loss(logits: Tensor, target: Tensor, kind: str = "bce") -> Tensor:
-    """Per-example reconstruction loss, summed over every axis but the first: shape ``[N]``.
-
-    Args:
-        logits: the model's logits, ``[N, ...]``.
-        target: intensities in [0, 1], the shape of ``logits``.
-        kind: ``"bce"`` (Bernoulli cross-entropy, nats) or ``"mse"`` (squared error of
-            ``sigmoid(logits)``).
-    """
-    if kind == "bce":
-        per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    elif kind == "mse":
-        per_pixel = (torch.sigmoid(logits) - target).square()
-    else:
-        raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(RECONSTRUCTION_LOSSES)}")
-    return per_pixel.flatten(1).sum(dim=1)
+RECONSTRUCTION_LOSSES = RECONSTRUCTIONS  # ("bce", "mse"): models.vae.reconstruction_loss
 
 
 @torch.no_grad()
