@@ -1,8 +1,7 @@
-"""Training loop for autoencoders (reconstruction of the input), with exact resume.
+"""Autoencoders: reconstruction of the input, with exact resume (``fit`` drives the step).
 
-The same machinery as ``train.classifier`` (``TrainSettings``, optimizer, schedule, precision,
-``TrainState`` checkpoints, ``SignalGuard``), with a reconstruction loss in place of the
-cross-entropy on labels:
+The classifier's settings (``TrainSettings``: optimizer, schedule, precision, intervals), with a
+reconstruction loss in place of the cross-entropy on labels:
 
 - ``"bce"``: Bernoulli cross-entropy of each pixel intensity ``x`` in [0, 1] under the
   reconstruction ``sigmoid(logit)``, ``-x log p - (1 - x) log(1 - p)``, computed from the logits
