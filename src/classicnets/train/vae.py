@@ -1,4 +1,4 @@
-"""Training loop for (conditional) VAEs, with exact resume.
+"""(Conditional) VAEs: the negative ELBO, with exact resume (``fit`` drives the step).
 
 ``fit`` drives the step (``VAETask``) as it drives every paradigm's: everything a step depends on
 (weights, Adam state, the global RNG that draws dropout masks and the reparameterization noise,
