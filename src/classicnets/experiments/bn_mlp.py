@@ -21,6 +21,7 @@ from classicnets.experiments.common import (
     Job,
     TrainingOptions,
     load_image_data,
+    summarize,
     train_settings,
     train_variants,
 )
@@ -157,16 +158,6 @@ def run(config: BNMLPConfig, job: Job) -> dict:
 
 
 def _summary(config, run_dir, results, device) -> dict[str, Any]:
-    complete = all(results.get(v, {}).get("complete") for v in config.variants)
-    variants = {}
-    for variant, r in results.items():
-        variants[variant] = {
-            "test_accuracy": r.get("test_accuracy"),
-            "test_loss": r.get("test_loss"),
-            "steps": r["step"],
-            "lr": r["lr"],
-            "train_time_s": r.get("train_time_s"),
-        }
     notes = [
         f"{len(config.hidden_sizes)} hidden layers of {','.join(map(str, config.hidden_sizes))} "
         f"{config.activation} units, batch {config.batch_size}, {config.optimizer.upper()}, "
@@ -178,12 +169,10 @@ def _summary(config, run_dir, results, device) -> dict[str, Any]:
             f"BN variant ahead of the plain one at {ahead:.0%} of the test evaluations "
             f"(after step 0)."
         )
-    return {
-        "title": "bn-mlp: MLP with and without batch normalization (Ioffe & Szegedy 2015, Fig. 1)",
-        "status": "complete" if complete else "stopped",
-        "variants": variants,
-        "notes": notes,
-    }
+    fields = {"test_accuracy": "test_accuracy", "test_loss": "test_loss", "steps": "step",
+              "lr": "lr", "train_time_s": "train_time_s"}  # fmt: skip
+    title = "bn-mlp: MLP with and without batch normalization (Ioffe & Szegedy 2015, Fig. 1)"
+    return summarize(title, config.variants, results, fields, notes)
 
 
 def bn_ahead_fraction(run_dir: RunDir) -> float | None:

@@ -53,6 +53,7 @@ __all__ = [
     "run_config",
     "run_experiment",
     "run_lifecycle",
+    "summarize",
     "train_settings",
     "train_variants",
 ]
@@ -172,6 +173,20 @@ def train_variants(variants, seed: int, train_one: Callable[[str], dict]) -> dic
         if result.get("status", "complete" if result.get("complete") else "stopped") == "stopped":
             break
     return results
+
+
+def summarize(title: str, variants, results: dict, fields, notes: list[str]) -> dict[str, Any]:
+    """A run's summary: ``title``, ``status`` ("complete" when every one of ``variants`` is,
+    else "stopped"), per variant the ``fields`` of its result (``{name: result key}``, or names
+    that are both), and ``notes``."""
+    fields = fields if isinstance(fields, dict) else {name: name for name in fields}
+    complete = all(results.get(v, {}).get("complete") for v in variants)
+    return {
+        "title": title,
+        "status": "complete" if complete else "stopped",
+        "variants": {v: {k: r.get(key) for k, key in fields.items()} for v, r in results.items()},
+        "notes": notes,
+    }
 
 
 @dataclass

@@ -33,6 +33,7 @@ from classicnets.experiments.common import (
     TrainingOptions,
     load_checkpointed,
     load_image_data,
+    summarize,
     train_settings,
     train_variants,
 )
@@ -157,18 +158,9 @@ def run(config: ConvAEConfig, job: Job) -> dict:
 
 
 def _summary(config, results, device, steps) -> dict[str, Any]:
-    complete = all(results.get(v, {}).get("complete") for v in config.variants)
-    variants = {
-        variant: {
-            "test_mse_per_pixel": r.get("test_mse"),
-            "test_bce_per_pixel": r.get("test_bce"),
-            "test_loss": r.get("test_loss"),
-            "steps": r["step"],
-            "parameters": r["parameters"],
-            "train_time_s": r.get("train_time_s"),
-        }
-        for variant, r in results.items()
-    }
+    fields = {"test_mse_per_pixel": "test_mse", "test_bce_per_pixel": "test_bce",
+              "test_loss": "test_loss", "steps": "step", "parameters": "parameters",
+              "train_time_s": "train_time_s"}  # fmt: skip
     code = config.channels[-1] * 4 * 4
     notes = [
         f"Encoder 28-14-7-4 (channels {','.join(map(str, config.channels))}, code of {code} "
@@ -180,12 +172,8 @@ def _summary(config, results, device, steps) -> dict[str, Any]:
         f"over pixels and test images"
         + (f" (the first {config.test_limit})." if config.test_limit else "."),
     ]
-    return {
-        "title": "conv-ae: convolutional autoencoder, decoder upsampling by output size",
-        "status": "complete" if complete else "stopped",
-        "variants": variants,
-        "notes": notes,
-    }
+    title = "conv-ae: convolutional autoencoder, decoder upsampling by output size"
+    return summarize(title, config.variants, results, fields, notes)
 
 
 @torch.no_grad()

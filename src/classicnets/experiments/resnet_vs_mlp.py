@@ -20,6 +20,7 @@ from classicnets.experiments.common import (
     TrainingOptions,
     classifier_evaluation,
     load_image_data,
+    summarize,
     train_settings,
     train_variants,
 )
@@ -160,30 +161,17 @@ def evaluation_plots(run_dir: RunDir, variant: str, evaluation: dict) -> None:
 
 
 def _summary(config, results, device, steps) -> dict[str, Any]:
-    complete = all(results.get(v, {}).get("complete") for v in config.variants)
-    variants = {
-        v: {
-            "test_accuracy": r.get("test_accuracy"),
-            "test_loss": r.get("test_loss"),
-            "macro_f1": r.get("macro_f1"),
-            "steps": r["step"],
-            "lr": r["lr"],
-            "parameters": r["parameters"],
-            "train_time_s": r.get("train_time_s"),
-        }
-        for v, r in results.items()
-    }
-    return {
-        "title": f"resnet-vs-mlp on {config.dataset}: {config.resnet_model} against a plain MLP",
-        "status": "complete" if complete else "stopped",
-        "variants": variants,
-        "notes": [
-            f"{config.epochs} epochs ({steps} steps of {config.batch_size}) for each model, "
-            f"{config.optimizer.upper()} with momentum {config.momentum}, {config.schedule} "
-            f"schedule, weight decay {config.weight_decay}, shifts up to {config.max_shift} px, "
-            f"device {device}.",
-        ],
-    }
+    fields = {"test_accuracy": "test_accuracy", "test_loss": "test_loss", "macro_f1": "macro_f1",
+              "steps": "step", "lr": "lr", "parameters": "parameters",
+              "train_time_s": "train_time_s"}  # fmt: skip
+    notes = [
+        f"{config.epochs} epochs ({steps} steps of {config.batch_size}) for each model, "
+        f"{config.optimizer.upper()} with momentum {config.momentum}, {config.schedule} "
+        f"schedule, weight decay {config.weight_decay}, shifts up to {config.max_shift} px, "
+        f"device {device}.",
+    ]
+    title = f"resnet-vs-mlp on {config.dataset}: {config.resnet_model} against a plain MLP"
+    return summarize(title, config.variants, results, fields, notes)
 
 
 PLOTS = (
