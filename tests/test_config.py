@@ -200,3 +200,19 @@ def test_train_settings_map_explicitly():
         train_settings(config, lr=0.5)  # a field no one supplies is an error, not a default
     with pytest.raises(TypeError, match="log_evry are not TrainSettings fields"):
         train_settings(config, lr=0.5, nesterov=False, eval_batch_size=100, log_evry=5)
+
+
+def test_gan_settings_map_explicitly_too():
+    from classicnets.experiments.common import settings_for
+    from classicnets.experiments.gan import GANConfig, _settings
+    from classicnets.train.gan import GANSettings
+
+    config = GANConfig.quick()
+    settings = _settings(config)
+    assert (settings.steps, settings.real_label, settings.monitor_after) == (
+        config.steps,
+        config.real_label,
+        config.monitor_after,
+    )
+    with pytest.raises(TypeError, match="GANConfig has no field monitor_per_class"):
+        settings_for(GANSettings, config)  # the one field the config lacks must be given

@@ -53,6 +53,7 @@ __all__ = [
     "run_config",
     "run_experiment",
     "run_lifecycle",
+    "settings_for",
     "summarize",
     "train_settings",
     "train_variants",
@@ -85,27 +86,33 @@ class TrainingOptions:
     deterministic: bool = True  # deterministic kernels: bit-identical reruns and resumes on CPU
 
 
-def train_settings(config, **given):
-    """``TrainSettings`` for one model of an experiment: each field from ``given`` if there,
-    else from the config field of the same name.
+def settings_for(settings_cls: type, config, **given):
+    """``settings_cls`` (a loop's settings dataclass) for one model of an experiment: each field
+    from ``given`` if there, else from the config field of the same name.
 
     Explicit, never silent: a settings field that neither supplies (a config field misspelled or
     missing) and a name in ``given`` that is no settings field are errors naming it, so that no
     setting quietly falls back to a default.
     """
-    from classicnets.train.settings import TrainSettings
-
-    names = [f.name for f in dataclasses.fields(TrainSettings)]
+    what = settings_cls.__name__
+    names = [f.name for f in dataclasses.fields(settings_cls)]
     unknown = sorted(set(given) - set(names))
     if unknown:
-        raise TypeError(f"train_settings: {', '.join(unknown)} are not TrainSettings fields")
+        raise TypeError(f"{what}: {', '.join(unknown)} are not {what} fields")
     missing = [n for n in names if n not in given and not hasattr(config, n)]
     if missing:
         raise TypeError(
-            f"train_settings: {type(config).__name__} has no field {', '.join(missing)} and "
-            f"none was given; add it to the config or pass it explicitly"
+            f"{what}: {type(config).__name__} has no field {', '.join(missing)} and none was "
+            f"given; add it to the config or pass it explicitly"
         )
-    return TrainSettings(**{n: given[n] if n in given else getattr(config, n) for n in names})
+    return settings_cls(**{n: given[n] if n in given else getattr(config, n) for n in names})
+
+
+def train_settings(config, **given):
+    """``TrainSettings`` for one model of an experiment (``settings_for``)."""
+    from classicnets.train.settings import TrainSettings
+
+    return settings_for(TrainSettings, config, **given)
 
 
 @dataclass(frozen=True)

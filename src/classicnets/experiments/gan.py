@@ -35,6 +35,7 @@ from classicnets.experiments.common import (
     TrainingOptions,
     load_checkpointed,
     load_image_data,
+    settings_for,
     train_variants,
 )
 from classicnets.experiments.config import NON_NEGATIVE, Range
@@ -156,8 +157,7 @@ def build_model(config: GANConfig, variant: str) -> GAN:
 def _settings(config: GANConfig):
     from classicnets.train.gan import GANSettings
 
-    names = GANSettings.__dataclass_fields__
-    return GANSettings(**{n: getattr(config, n) for n in names if hasattr(config, n)})
+    return settings_for(GANSettings, config, monitor_per_class=10)  # 100 images of each kind
 
 
 # --------------------------------------------------------------------------------------------
