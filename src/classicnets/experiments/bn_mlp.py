@@ -20,7 +20,7 @@ from classicnets.experiments.common import (
     Experiment,
     Job,
     TrainingOptions,
-    load_image_data,
+    image_data_of,
     summarize,
     train_settings,
     train_variants,
@@ -139,9 +139,7 @@ def sigmoid_input_hook(probe: torch.Tensor, unit: int):
 def run(config: BNMLPConfig, job: Job) -> dict:
     """Train the variants and write the plots; return the summary (``run_lifecycle`` writes it
     and the report)."""
-    data = load_image_data(
-        config.dataset, config.data_dir, job.device, config.train_limit, config.download
-    )
+    data = image_data_of(config, job.device)
     hooks = [sigmoid_input_hook(data.test_x, config.watch_unit)]
 
     def train(variant: str) -> dict:

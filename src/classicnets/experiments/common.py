@@ -47,6 +47,7 @@ __all__ = [
     "get_experiment",
     "list_experiments",
     "classifier_evaluation",
+    "image_data_of",
     "load_image_data",
     "resolve_device",
     "resume_experiment",
@@ -516,6 +517,16 @@ def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:
     """Metrics of the trained models of a run, on the test split."""
     experiment, config, run, _ = _load(run_dir)
     return experiment.evaluate(config, run, device=resolve_device(device))
+
+
+def image_data_of(config, device: str):
+    """``load_image_data`` of an experiment's config: its ``dataset`` (MNIST for a config with
+    none), ``data_dir``, ``download``, ``train_limit`` and ``test_limit`` (all of the test split
+    for a config with none)."""
+    dataset = getattr(config, "dataset", "mnist")
+    test_limit = getattr(config, "test_limit", None)
+    return load_image_data(dataset, config.data_dir, device, config.train_limit, config.download,
+                           test_limit)  # fmt: skip
 
 
 def load_image_data(

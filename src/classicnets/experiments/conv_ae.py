@@ -31,8 +31,8 @@ from classicnets.experiments.common import (
     Job,
     SampleRequest,
     TrainingOptions,
+    image_data_of,
     load_checkpointed,
-    load_image_data,
     summarize,
     train_settings,
     train_variants,
@@ -44,7 +44,6 @@ from classicnets.train.autoencoder import (
     train_autoencoder,
 )
 from classicnets.train.run import RunDir, RunError
-from classicnets.train.settings import ClassificationData
 
 __all__ = ["EXPERIMENT", "ConvAEConfig", "build_model", "reconstruction_grid", "run"]
 
@@ -117,21 +116,10 @@ def build_model(config: ConvAEConfig, variant: str) -> ConvAutoencoder:
     )
 
 
-def _data(config: ConvAEConfig, device: str) -> ClassificationData:
-    return load_image_data(
-        config.dataset,
-        config.data_dir,
-        device,
-        config.train_limit,
-        config.download,
-        test_limit=config.test_limit,
-    )
-
-
 def run(config: ConvAEConfig, job: Job) -> dict:
     """Train the variants, write the plots and the reconstruction grid; return the summary."""
     run_dir = job.run_dir
-    data = _data(config, job.device)
+    data = image_data_of(config, job.device)
     steps = config.epochs * (len(data.train_x) // config.batch_size)
     settings = train_settings(config, steps=steps, nesterov=False, eval_batch_size=2000)
     models: dict[str, ConvAutoencoder] = {}
@@ -254,7 +242,7 @@ def load_models(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> d
 
 def evaluate_trained(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
     """Test reconstruction errors of each variant's newest checkpoint."""
-    data = _data(config, device)
+    data = image_data_of(config, device)
     return {
         variant: {
             **evaluate_reconstruction(trained.model, data.test_x, config.loss),

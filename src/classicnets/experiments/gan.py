@@ -33,8 +33,8 @@ from classicnets.experiments.common import (
     Job,
     SampleRequest,
     TrainingOptions,
+    image_data_of,
     load_checkpointed,
-    load_image_data,
     settings_for,
     train_variants,
 )
@@ -259,7 +259,7 @@ def run(config: GANConfig, job: Job) -> dict:
     run_dir, device, resume = job.run_dir, job.device, job.resume
     from classicnets.train.gan import train_gan
 
-    data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)
+    data = image_data_of(config, device)
     scoring: _Scoring | None = None
 
     def get_scoring() -> _Scoring:
@@ -475,7 +475,7 @@ def evaluate_trained(config: GANConfig, run_dir: RunDir, device: str = "cpu") ->
     from classicnets.train.settings import set_deterministic
 
     set_deterministic(config.deterministic)
-    data = load_image_data("mnist", config.data_dir, device, config.train_limit, config.download)
+    data = image_data_of(config, device)
     models = load_models(config, run_dir, device)
     if not models:
         return {}

@@ -19,7 +19,7 @@ from classicnets.experiments.common import (
     Job,
     TrainingOptions,
     classifier_evaluation,
-    load_image_data,
+    image_data_of,
     summarize,
     train_settings,
     train_variants,
@@ -120,9 +120,7 @@ def run(config: ResNetVsMLPConfig, job: Job) -> dict:
     """Train both models, write confusion matrices and plots; return the summary."""
     from classicnets.data.augment import random_shift
 
-    data = load_image_data(
-        config.dataset, config.data_dir, job.device, config.train_limit, config.download
-    )
+    data = image_data_of(config, job.device)
     steps = _steps(config, len(data.train_x))
 
     def augment(x, step):

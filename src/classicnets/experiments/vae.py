@@ -37,8 +37,8 @@ from classicnets.experiments.common import (
     Job,
     SampleRequest,
     TrainingOptions,
+    image_data_of,
     load_checkpointed,
-    load_image_data,
     train_settings,
     train_variants,
 )
@@ -154,24 +154,13 @@ def _warmup_epochs(config: VAEConfig, variant: str) -> float:
     return config.cvae_kl_warmup_epochs if is_conditional(variant) else config.kl_warmup_epochs
 
 
-def _data(config: VAEConfig, device: str):
-    return load_image_data(
-        "mnist",
-        config.data_dir,
-        device,
-        config.train_limit,
-        config.download,
-        test_limit=config.test_limit,
-    )
-
-
 # --------------------------------------------------------------------------- run
 
 
 def run(config: VAEConfig, job: Job) -> dict:
     """Train the variants, score them, write grids and plots; return the summary."""
     run_dir, device, resume = job.run_dir, job.device, job.resume
-    data = _data(config, device)
+    data = image_data_of(config, device)
     steps = _steps(config, len(data.train_x))
     steps_per_epoch = len(data.train_x) // config.batch_size
     settings = train_settings(config, steps=steps, momentum=0.0, nesterov=False)
@@ -486,7 +475,7 @@ def evaluate_trained(config: VAEConfig, run_dir: RunDir, device: str = "cpu") ->
     models = load_models(config, run_dir, device)
     if not models:
         return {}
-    data = _data(config, device)
+    data = image_data_of(config, device)
     scorer = _scorer(config, run_dir, device)
     test_features = scorer.features(data.test_x)
     out = {}

@@ -160,11 +160,7 @@ def band_plot(
         path: destination file (its folder is created if missing).
         x: the x values shared by all bands (e.g. training steps).
         bands: name -> ``(lower, middle, upper)``, each as long as ``x``.
-        xlabel: label of the x axis.
-        ylabel: label of the y axis.
-        title: title of the plot.
-        ylim: ``(bottom, top)`` of the y axis; ``None`` lets matplotlib choose.
-        logy: logarithmic y axis.
+        xlabel, ylabel, title, ylim, logy: as for ``line_plot``.
 
     Returns:
         The destination path.

@@ -306,16 +306,6 @@ def freeze(model: nn.Module, patterns: Patterns) -> list[str]:
 
 
 def unfreeze(model: nn.Module, patterns: Patterns) -> list[str]:
-    """Let gradients flow again to the parameters selected by ``patterns``.
-
-    Args:
-        model: the module.
-        patterns: globs or module names, as in ``select_parameters``.
-
-    Returns:
-        The names of the unfrozen parameters.
-
-    Raises:
-        ParameterSelectionError: as ``select_parameters``.
-    """
+    """``freeze`` undone: gradients flow again to the parameters selected by ``patterns``, as
+    in ``select_parameters``; returns their names."""
     return _set_requires_grad(model, patterns, True)
