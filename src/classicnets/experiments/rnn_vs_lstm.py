@@ -29,6 +29,7 @@ from classicnets.experiments.common import (
     Job,
     SampleRequest,
     TrainedModel,
+    settings_for,
     train_variants,
 )
 from classicnets.experiments.config import Range
@@ -206,24 +207,11 @@ def lm_settings(config: RNNvsLSTMConfig, variant: str):
     """The ``LMTrainSettings`` of ``variant``."""
     from classicnets.train.language_model import LMTrainSettings
 
-    p = config.resolved()
-    return LMTrainSettings(
-        epochs=p["epochs"],
-        batch_size=p["batch_size"],
-        num_steps=p["num_steps"],
-        lr=config.learning_rate(variant),
-        lr_decay=p["lr_decay"],
-        epochs_at_full_lr=p["epochs_at_full_lr"],
-        clip_grad_norm=p["max_grad_norm"],
-        precision=config.precision,
-        eval_batch_size=config.eval_batch_size,
-        eval_num_steps=config.eval_num_steps,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
-        progress=config.progress,
-        stop_after=config.stop_after,
-    )
+    p = config.resolved()  # the preset's values where the config leaves them None
+    preset = {name: p[name] for name in ("epochs", "batch_size", "num_steps", "lr_decay",
+                                         "epochs_at_full_lr")}  # fmt: skip
+    lr, clip = config.learning_rate(variant), p["max_grad_norm"]
+    return settings_for(LMTrainSettings, config, **preset, lr=lr, clip_grad_norm=clip)
 
 
 def _vocabulary_path(run_dir: RunDir):
