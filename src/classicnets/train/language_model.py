@@ -365,10 +365,9 @@ class LanguageModelTask(Task):
         for i, h in enumerate(_parts(self.hidden)):
             h = h.detach()
             if self.context.enabled:  # the rows of every process, in order (zeros elsewhere)
-                every = h.new_zeros(h.shape[0], self.global_batch, *h.shape[2:])
-                every[:, self.local] = h
-                dist.all_reduce(every)
-                h = every
+                h, rows = h.new_zeros(h.shape[0], self.global_batch, *h.shape[2:]), h
+                h[:, self.local] = rows
+                dist.all_reduce(h)
             tensors[f"hidden.{i}"] = h
         if self.context.enabled:  # the mean of the processes' sums: the epoch's mean is kept
             dist.all_reduce(tensors["epoch_nll"])
