@@ -94,20 +94,13 @@ def _preset(model_cls: Callable[..., nn.Module], defaults: dict) -> Callable[...
     return factory
 
 
-def _ensure_loaded() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from classicnets.models import autoencoder, gan, mlp, resnet, rnnlm, vae  # noqa: F401
-
-
 def list_models() -> list[ModelEntry]:
     """All registered models, sorted by name."""
-    _ensure_loaded()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def model_entry(name: str) -> ModelEntry:
     """The entry for ``name``; an unknown name is a ``KeyError`` listing the known ones."""
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
