@@ -54,13 +54,10 @@ from classicnets.train.state import TrainState
 __all__ = ["Cadence", "Task", "fit", "optimize"]
 
 
-_CADENCE_FIELDS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                   "progress", "stop_after")  # fmt: skip
-
-
-@dataclass(frozen=True)
+@dataclass
 class Cadence:
-    """When ``fit`` logs, evaluates and checkpoints, and where it stops.
+    """When ``fit`` logs, evaluates and checkpoints, and where it stops. The settings of the
+    loops (``TrainSettings``, ``GANSettings``) are cadences with more fields.
 
     Attributes:
         steps: the run's length in steps.
@@ -81,12 +78,6 @@ class Cadence:
     keep_checkpoints: int = 2
     progress: bool = True
     stop_after: int | None = None
-
-    @classmethod
-    def of(cls, settings: Any) -> Cadence:
-        """The cadence that ``TrainSettings`` or ``GANSettings`` set: their fields of these
-        names, every one of them (a missing one is an ``AttributeError``, never a default)."""
-        return cls(**{name: getattr(settings, name) for name in _CADENCE_FIELDS})
 
     @property
     def ring(self) -> int:

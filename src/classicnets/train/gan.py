@@ -237,12 +237,13 @@ def make_gan_optimizers(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class GANSettings:
-    """How a GAN is trained.
+@dataclass(kw_only=True)
+class GANSettings(Cadence):
+    """How a GAN is trained: a ``fit.Cadence`` (``steps``: iterations, each one D step and one
+    G step; ``eval_every``: the eval hook's, 0 for the end only) and the fields below; keyword
+    arguments only.
 
     Attributes:
-        steps: iterations (each one D step and one G step).
         batch_size: real images per step (and as many generated ones).
         lr_discriminator, lr_generator: Adam learning rates.
         beta1, beta2: Adam's betas for both networks (0.5: Radford et al. 2015, Sec. 4).
@@ -253,8 +254,6 @@ class GANSettings:
         grid_every: save the fixed-noise grid every this many steps (and at steps 0 and last).
         grid_columns: columns of the grid (per digit for a conditional GAN).
         grid_seed: base noise seed of the grid (``GridSpec``).
-        eval_every: call the eval hook every this many steps (and at the end); 0: at the end only.
-        checkpoint_every, keep_checkpoints, progress, stop_after: as ``fit.Cadence``'s.
         seed: seed of the data order (the caller seeds initialization and the noise stream).
         monitor_per_class: generated and real images per class in the diversity batch
             (unconditional: ten times this many in all).
@@ -262,7 +261,6 @@ class GANSettings:
             monitor_after: the ``GANMonitor`` thresholds (``monitor_after``: ``start_step``).
     """
 
-    steps: int
     batch_size: int = 64
     lr_discriminator: float = 2e-4
     lr_generator: float = 2e-4
@@ -270,13 +268,10 @@ class GANSettings:
     beta2: float = 0.999
     real_label: float = 1.0
     precision: str = "fp32"
-    log_every: int = 100
     grid_every: int = 1000
     grid_columns: int = 10
     grid_seed: int = 0
-    eval_every: int = 0
-    checkpoint_every: int = 2000
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 2000  # Cadence's, with its own default
     seed: int = 0
     monitor_per_class: int = 10
     win_fake_below: float = 0.01
@@ -285,8 +280,6 @@ class GANSettings:
     collapse_fraction: float = 0.25
     collapse_window: int = 3
     monitor_after: int = 500
-    progress: bool = True
-    stop_after: int | None = None
 
 
 EvalHook = Callable[[nn.Module, int], dict[str, Any]]  # (generator, step) -> metrics
@@ -325,7 +318,7 @@ class GANTask(Task):
         self.modules = {"model": model}
         self.optimizers = {"discriminator": self.opt_d, "generator": self.opt_g}
         self.extra = {"last": {}, "last_eval": {}, "warnings": []}
-        self.cadence = Cadence.of(settings)
+        self.cadence = settings
         self.monitor = GANMonitor.of(settings)
         # One row per digit (conditional), else ten rows.
         self.spec = GridSpec(settings.grid_columns, settings.grid_seed, model.latent_size,

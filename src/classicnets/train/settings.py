@@ -50,12 +50,13 @@ class ClassificationData:
         return self.train_x, self.train_y, self.test_x, self.test_y
 
 
-@dataclass
-class TrainSettings:
-    """How one model is trained. Field meanings follow the experiment configs.
+@dataclass(kw_only=True)
+class TrainSettings(Cadence):
+    """How one model is trained: a ``fit.Cadence`` (``steps``, ``log_every``, ``eval_every``,
+    ``checkpoint_every``, ``keep_checkpoints``, ``progress``, ``stop_after``) and the fields
+    below. Field meanings follow the experiment configs; keyword arguments only.
 
     Attributes:
-        steps: optimization steps.
         batch_size: examples per step (the global batch under DDP, split across processes).
         optimizer: "sgd" or "adam".
         lr: base learning rate.
@@ -76,18 +77,10 @@ class TrainSettings:
         compile: train through ``torch.compile``.
         channels_last: NHWC memory format (convolutional models).
         sync_bn: synchronized batch normalization under DDP.
-        eval_every: evaluate on the test split every this many steps (and at the end).
-        log_every: write the mean training loss and accuracy every this many steps.
-        checkpoint_every: checkpoint every this many steps (and at the end); 0 for end only.
-        keep_checkpoints: how many checkpoints of each model to keep.
         seed: seed of the data order (the caller seeds the initialization).
         eval_batch_size: batch size of evaluation (no effect on the result).
-        progress: show a tqdm progress bar.
-        stop_after: stop (with a checkpoint) after this many steps of the run, as if killed;
-            for tests and demonstrations of resume. None runs to the end.
     """
 
-    steps: int
     batch_size: int
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -106,14 +99,10 @@ class TrainSettings:
     compile: bool = False
     channels_last: bool = False
     sync_bn: bool = False
-    eval_every: int = 1000
-    log_every: int = 100
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 2
     seed: int = 0
     eval_batch_size: int = 2000
-    progress: bool = True
-    stop_after: int | None = None
+    eval_every: int = 1000  # Cadence's, with the test split's evaluation every 1000 steps
+    checkpoint_every: int = 5000
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -215,7 +204,7 @@ class SettingsTask(Task):
         self.optimizers = {"model": self.optimizer}
         self.schedules = {"lr": self.schedule}
         self.extra = {"last_train_loss": None, "last_eval": {}}
-        self.cadence = Cadence.of(settings)
+        self.cadence = settings
         self.train_model = maybe_compile(model, settings.compile)
         if settings.clip_grad_norm:
             self.values = (*self.values, "grad_norm")
