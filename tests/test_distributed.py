@@ -49,7 +49,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(experiment: str, out: Path, sets: list[str], data_root, *args: str):
+def _torchrun(data_root, *argv: str) -> subprocess.CompletedProcess:
+    """``python -m classicnets *argv`` in two gloo processes under torchrun; it must exit 0."""
     env = {
         **os.environ,
         "PYTHONPATH": SRC,
@@ -59,14 +60,18 @@ def _torchrun(experiment: str, out: Path, sets: list[str], data_root, *args: str
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "classicnets",
-        *args, *([] if args else ["run", experiment, "--quick", "--out", str(out)]),
-        "--device", "cpu", *[x for s in sets for x in ("--set", s)],
+        *argv,
     ]  # fmt: skip
-    if args:  # resume: no --set
-        cmd = cmd[: cmd.index("--device") + 2]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def _run(experiment: str, out: Path, sets: list[str], quick: bool = True) -> list[str]:
+    """The arguments of ``classicnets run`` on the CPU with ``--set`` for each of ``sets``."""
+    settings = [x for s in sets for x in ("--set", s)]
+    return ["run", experiment, *(["--quick"] if quick else []), "--device", "cpu", "--out",
+            str(out), *settings]  # fmt: skip
 
 
 def _weights(run_dir: Path, variant: str) -> dict:
@@ -80,20 +85,7 @@ def test_two_processes_with_sync_bn_equal_one_process(tmp_path, data_root):
     run_experiment("bn-mlp", [*SETTINGS, f"data_dir={data_root}"], device="cpu", out=single)
 
     ddp = tmp_path / "ddp"
-    env = {
-        **os.environ,
-        "PYTHONPATH": SRC,
-        "CLASSICNETS_DATA": str(data_root),
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "classicnets", "run", "bn-mlp", "--device", "cpu", "--out", str(ddp),
-        *[x for s in SETTINGS for x in ("--set", s)],
-    ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _torchrun(data_root, *_run("bn-mlp", ddp, SETTINGS, quick=False))
 
     for variant in ("plain", "bn"):
         a, b = _weights(single, variant), _weights(ddp, variant)
@@ -164,7 +156,7 @@ def test_two_processes_equal_one_process_for_every_paradigm(tmp_path, data_root,
     sets = [*sets, "progress=false", f"data_dir={data_root}"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_experiment(experiment, sets, quick=True, device="cpu", out=single)
-    done = _torchrun(experiment, ddp, sets, data_root)
+    done = _torchrun(data_root, *_run(experiment, ddp, sets))
 
     one, two = RunDir(single).read_metrics(), RunDir(ddp).read_metrics()
     variants = sorted({r["variant"] for r in one})
@@ -204,13 +196,13 @@ def test_a_run_killed_under_torchrun_resumes_under_torchrun(tmp_path, data_root,
     sets, _ = PARADIGMS[experiment]
     sets = [*sets, "progress=false", f"data_dir={data_root}"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _torchrun(experiment, whole, sets, data_root)
-    _torchrun(experiment, killed, [*sets, "stop_after=25"], data_root)
+    _torchrun(data_root, *_run(experiment, whole, sets))
+    _torchrun(data_root, *_run(experiment, killed, [*sets, "stop_after=25"]))
     assert RunDir(killed).read_summary()["status"] != "complete"
     record = json.loads((killed / "config.json").read_text())
     record["config"]["stop_after"] = None  # the resumed session runs to the end
     (killed / "config.json").write_text(json.dumps(record))
-    _torchrun(experiment, killed, [], data_root, "resume", str(killed))
+    _torchrun(data_root, "resume", str(killed), "--device", "cpu")
 
     want, got = RunDir(whole).read_metrics(), RunDir(killed).read_metrics()
     assert [(r["variant"], r["step"], r["split"]) for r in got] == [

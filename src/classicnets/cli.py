@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -390,5 +391,21 @@ def _run_dir_of(args, exc) -> str:
     return getattr(args, "run_dir", None) or getattr(args, "out", None) or "RUN_DIR"
 
 
+def entry() -> None:
+    """The ``classicnets`` command and ``python -m classicnets``: ``main``, then exit.
+
+    Under torchrun the process leaves without the interpreter's teardown: its process group is
+    already destroyed and every file written (``train.distributed.shutdown``), yet gloo's threads
+    could still abort a process there ("terminate called without an active exception", about
+    one language-model run in ten here), and torchrun would report the whole job failed.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code or 0))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -246,10 +246,10 @@ class LanguageModelTask(Task):
         self.optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
         self.schedule = ExponentialAfterEpoch(settings.lr_decay, settings.epochs_at_full_lr)
         self.precision = Precision(settings.precision, str(self.device))
-        self.modules = {"model": model}
-        self.optimizers = {"model": self.optimizer}
+        self.modules, self.optimizers = {"model": model}, {"model": self.optimizer}
         self.schedules = {"lr": self.schedule}
         self.hidden: Hidden = model.init_hidden(self.rows)
+        self._no_norm = torch.zeros((), dtype=torch.float64, device=self.device)  # no clipping
         every_row = _parts(model.init_hidden(settings.batch_size))  # what checkpoints hold
         self.tensors = {"epoch_nll": torch.zeros((), dtype=torch.float64, device=self.device)}
         self.tensors.update({f"hidden.{i}": h for i, h in enumerate(every_row)})
@@ -288,8 +288,8 @@ class LanguageModelTask(Task):
         epoch_nll += nll.detach().double()
         for key in ("log_tokens", "epoch_tokens", "tokens_seen"):
             extra[key] += targets.numel()
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        return {"nll": nll.detach().double(), "grad_norm": zero if norm is None else norm.double()}
+        norm = self._no_norm if norm is None else norm.double()
+        return {"nll": nll.detach().double(), "grad_norm": norm}
 
     def log_due(self, step: int) -> bool:
         return step % self.cadence.ring == 0 or step % self.steps_per_epoch == 0
