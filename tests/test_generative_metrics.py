@@ -10,7 +10,12 @@ import torch
 
 from classicnets.experiments.common import ExperimentError, load_image_data
 from classicnets.experiments.scorer import scoring_classifier
-from classicnets.metrics.generative import frechet_distance, label_accuracy
+from classicnets.metrics.generative import (
+    frechet_distance,
+    label_accuracy,
+    reference_distances,
+    sample_scores,
+)
 
 
 def _gaussian(rng, n, d, shift=0.0):
@@ -122,3 +127,32 @@ def test_classifier_run_must_be_resnet_vs_mlp(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"experiment": "bn-mlp", "config": {}}))
     with pytest.raises(ExperimentError, match="resnet-vs-mlp run"):
         scoring_classifier(None, "cpu", classifier_run=str(tmp_path))
+
+
+def test_sample_scores_agree_with_scikit_learn(scorer_and_data):
+    from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
+
+    scorer, data, _ = scorer_and_data
+    images, asked = data.test_x[:300], (data.test_y[:300] + (torch.arange(300) % 7 == 0)) % 10
+    test_features = scorer.features(data.test_x[300:900])
+    scores = sample_scores(scorer, images, test_features, asked)
+    predicted = scorer.predict(images)
+    assert scores["frechet_distance"] == frechet_distance(scorer.features(images), test_features)
+    assert scores["label_accuracy"] == pytest.approx(accuracy_score(asked, predicted), abs=1e-15)
+    assert np.array_equal(scores["label_confusion_matrix"], confusion_matrix(asked, predicted))
+    recall = recall_score(asked, predicted, average=None)  # per digit asked for
+    np.testing.assert_allclose(scores["label_accuracy_per_digit"], recall, rtol=0, atol=1e-15)
+    assert set(sample_scores(scorer, images, test_features)) == {"frechet_distance"}
+
+
+def test_reference_distances_bracket_over_as_many_images(scorer_and_data):
+    scorer, data, _ = scorer_and_data
+    test_features = scorer.features(data.test_x[:500])
+    refs = reference_distances(scorer, test_features, data.train_x, noise_seed=3)
+    train = scorer.features(data.train_x[:500])
+    noise = torch.rand(500, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    assert refs == {
+        "frechet_test_to_train": frechet_distance(test_features, train),
+        "frechet_noise_to_train": frechet_distance(scorer.features(noise), train),
+    }
+    assert refs["frechet_test_to_train"] < refs["frechet_noise_to_train"]

@@ -194,49 +194,26 @@ class _Scoring:
     """The scorer and the real-image features every score of a run compares against."""
 
     def __init__(self, config: GANConfig, run_dir: RunDir, data, device: str) -> None:
-        from classicnets.experiments.scorer import scoring_classifier
-        from classicnets.metrics.generative import frechet_distance
+        from classicnets.experiments.scorer import scorer_of
+        from classicnets.metrics.generative import reference_distances
 
-        cache = config.scorer_cache or str(run_dir.path / "scorer")
-        self.scorer = scoring_classifier(
-            config.data_dir,
-            device,
-            classifier_run=config.classifier_run,
-            cache_dir=cache if config.classifier_run is None else None,
-            download=config.download,
-            quick=config.quick_scorer,
-        )
+        self.scorer = scorer_of(config, run_dir, device, "scorer")
         self.config = config
         self.device = device
         n = min(config.score_samples, len(data.test_x), len(data.train_x))
         self.test_features = self.scorer.features(data.test_x[:n])
-        train_features = self.scorer.features(data.train_x[:n])
-        g = torch.Generator("cpu").manual_seed(config.score_seed + 1)
-        noise = torch.rand(n, 1, 28, 28, generator=g)
-        self.references = {
-            "frechet_test_to_train": frechet_distance(self.test_features, train_features),
-            "frechet_noise_to_train": frechet_distance(self.scorer.features(noise), train_features),
-        }
+        self.references = reference_distances(
+            self.scorer, self.test_features, data.train_x, config.score_seed + 1
+        )
 
     def score(self, generator, n: int, seed: int) -> dict[str, Any]:
-        """FD of ``n`` samples to the first ``n`` test images' features; label accuracy, the
-        per-digit accuracies and the confusion matrix for a conditional generator."""
-        from classicnets.metrics import confusion_matrix
-        from classicnets.metrics.generative import frechet_distance, label_accuracy
+        """FD of ``n`` samples to the first ``n`` test images' features; label accuracy (overall
+        and per digit) and the confusion matrix for a conditional generator."""
+        from classicnets.metrics.generative import sample_scores
 
-        conditional = generator.num_classes > 0
-        images, labels = draw_samples(generator, n, seed, self.device, conditional)
-        features = self.scorer.features(images)
-        out: dict[str, Any] = {
-            "test_frechet_distance": frechet_distance(features, self.test_features[:n])
-        }
-        if conditional:
-            out["label_accuracy"] = label_accuracy(self.scorer, images, labels)
-            predicted = self.scorer.predict(images)
-            matrix = confusion_matrix(labels.cpu().numpy(), predicted, num_classes=NUM_CLASSES)
-            out["label_confusion_matrix"] = matrix  # rows: digit asked for; columns: recognised
-            out["digit_accuracy"] = (matrix.diagonal() / matrix.sum(axis=1)).tolist()
-        return out
+        images, labels = draw_samples(generator, n, seed, self.device, generator.num_classes > 0)
+        scores = sample_scores(self.scorer, images, self.test_features[:n], labels, NUM_CLASSES)
+        return {"test_frechet_distance": scores.pop("frechet_distance"), **scores}
 
     def eval_hook(self):
         """``train_gan``'s eval hook: scores ``eval_samples`` samples (logged as split eval)."""
@@ -336,8 +313,9 @@ def _summary(config, results, scoring, device) -> dict[str, Any]:
             "train_time_s": r.get("train_time_s"),
             "warnings": len(r.get("warnings", [])),
         }
-        if "digit_accuracy" in scores:
-            variants[variant]["digit_accuracy"] = [round(a, 4) for a in scores["digit_accuracy"]]
+        if "label_accuracy_per_digit" in scores:
+            per_digit = scores["label_accuracy_per_digit"]
+            variants[variant]["digit_accuracy"] = [round(a, 4) for a in per_digit]
         warnings += [f"WARNING: {w}" for w in r.get("warnings", [])]
     summary: dict[str, Any] = {
         "title": "gan: GAN and conditional GAN on MNIST, scored by an MNIST classifier",

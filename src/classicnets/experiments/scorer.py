@@ -18,7 +18,7 @@ from torch import nn
 
 from classicnets.metrics.generative import ScoringClassifier, SmallCNN
 
-__all__ = ["scoring_classifier"]
+__all__ = ["scorer_of", "scoring_classifier"]
 
 
 # Training recipe of the cached scorer. quick: a few hundred steps on a slice (tests, demos).
@@ -79,6 +79,20 @@ def scoring_classifier(
         atomic_write_text(info_path, json.dumps(info, indent=2))  # written last: the commit
         source = str(weights_path)
     return ScoringClassifier(model.eval(), device, source, info["test_accuracy"])
+
+
+def scorer_of(config, run_dir, device: str, cache_name: str) -> ScoringClassifier:
+    """``scoring_classifier`` of a generative experiment's config: the ``resnet`` of its
+    ``classifier_run``, else a CNN (``quick_scorer``: the quick recipe) cached in
+    ``scorer_cache``, by default ``RUN_DIR/cache_name``."""
+    return scoring_classifier(
+        config.data_dir,
+        device,
+        classifier_run=config.classifier_run,
+        cache_dir=config.scorer_cache or run_dir.path / cache_name,
+        download=config.download,
+        quick=config.quick_scorer,
+    )
 
 
 def _train_scorer(data_dir, device: str, download: bool, quick: bool) -> tuple[nn.Module, dict]:

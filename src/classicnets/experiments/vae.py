@@ -42,6 +42,8 @@ from classicnets.experiments.common import (
     train_settings,
     train_variants,
 )
+from classicnets.experiments.scorer import scorer_of
+from classicnets.metrics.generative import reference_distances
 from classicnets.models.mlp import ACTIVATIONS
 from classicnets.models.vae import VAE
 from classicnets.report.curves import Curve, plot_curves
@@ -180,9 +182,9 @@ def run(config: VAEConfig, job: Job) -> dict:
     references: dict[str, float] = {}
     scorer_info: dict[str, Any] = {}
     if complete:
-        scorer = _scorer(config, run_dir, device)
+        scorer = scorer_of(config, run_dir, device, "scoring_classifier")
         test_features = scorer.features(data.test_x)
-        references = _reference_distances(scorer, data, test_features, config.sample_seed)
+        references = reference_distances(scorer, test_features, data.train_x, config.sample_seed)
         for variant, model in models.items():
             results[variant].update(score_variant(config, model, variant, scorer, test_features))
             write_grids(config, run_dir, variant, model, data.test_x, data.test_y)
@@ -190,35 +192,6 @@ def run(config: VAEConfig, job: Job) -> dict:
     summary = _summary(config, results, references, scorer_info, device, steps, complete)
     write_plots(run_dir, results)
     return summary
-
-
-def _scorer(config: VAEConfig, run_dir: RunDir, device: str):
-    from classicnets.experiments.scorer import scoring_classifier
-
-    cache = config.scorer_cache or run_dir.path / "scoring_classifier"
-    return scoring_classifier(
-        config.data_dir,
-        device,
-        classifier_run=config.classifier_run,
-        cache_dir=cache,
-        download=config.download,
-        quick=config.quick_scorer,
-    )
-
-
-def _reference_distances(scorer, data, test_features, seed: int) -> dict[str, float]:
-    """The Frechet distances that bracket a model's (named as in the ``gan`` experiment): test
-    against training images (real against real, the floor) and uniform noise against training
-    images (the ceiling), on as many training images as there are test images."""
-    from classicnets.metrics.generative import frechet_distance
-
-    n = len(data.test_x)
-    train_features = scorer.features(data.train_x[:n])
-    noise = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    return {
-        "frechet_test_to_train": frechet_distance(test_features, train_features),
-        "frechet_noise_to_train": frechet_distance(scorer.features(noise), train_features),
-    }
 
 
 @torch.no_grad()
@@ -230,27 +203,15 @@ def _prior_samples(model: VAE, labels: Tensor | None, n: int, seed: int) -> Tens
 
 
 def score_variant(config: VAEConfig, model: VAE, variant: str, scorer, test_features) -> dict:
-    """Frechet distance of prior samples to test images; for a CVAE, the label accuracy of
-    ``score_samples_per_digit`` samples of each digit (overall and per digit) and the confusion
-    matrix (rows: digit asked for, columns: digit recognised)."""
-    from classicnets.metrics import confusion_matrix
-    from classicnets.metrics.generative import frechet_distance
+    """``metrics.generative.sample_scores`` of ``score_samples_per_digit`` prior samples of each
+    digit (for a VAE, as many unconditioned ones), against the test images' features."""
+    from classicnets.metrics.generative import sample_scores
 
     n = config.score_samples_per_digit * len(DIGITS)
     labels = torch.arange(len(DIGITS)).repeat_interleave(config.score_samples_per_digit)
-    samples = _prior_samples(
-        model, labels if model.conditional else None, n, config.sample_seed + 1
-    )
-    out: dict[str, Any] = {
-        "frechet_distance": frechet_distance(scorer.features(samples), test_features)
-    }
-    if model.conditional:
-        predicted = scorer.predict(samples)
-        matrix = confusion_matrix(labels.numpy(), predicted, num_classes=len(DIGITS))
-        out["label_accuracy"] = float(np.trace(matrix) / matrix.sum())
-        out["label_accuracy_per_digit"] = (np.diag(matrix) / matrix.sum(axis=1)).tolist()
-        out["label_confusion_matrix"] = matrix
-    return out
+    labels = labels if model.conditional else None
+    samples = _prior_samples(model, labels, n, config.sample_seed + 1)
+    return sample_scores(scorer, samples, test_features, labels, len(DIGITS))
 
 
 # --------------------------------------------------------------------------- grids
@@ -476,7 +437,7 @@ def evaluate_trained(config: VAEConfig, run_dir: RunDir, device: str = "cpu") ->
     if not models:
         return {}
     data = image_data_of(config, device)
-    scorer = _scorer(config, run_dir, device)
+    scorer = scorer_of(config, run_dir, device, "scoring_classifier")
     test_features = scorer.features(data.test_x)
     out = {}
     for variant, trained in models.items():

@@ -9,6 +9,9 @@ A generative model is scored through a trained MNIST classifier (the "scorer"):
 - ``label_accuracy``: for conditional models, the fraction of samples the scorer recognises as
   the digit that was asked for.
 
+``sample_scores`` gives both for one set of samples (with the confusion matrix "asked for x
+recognised as"), ``reference_distances`` the two distances that bracket them.
+
 The scorer is handed in trained (``experiments.scorer.scoring_classifier`` makes one: the
 ``resnet`` of a ``resnet-vs-mlp`` run, or a ``SmallCNN`` trained and cached); this module only
 measures with it, and imports nothing that trains or reads runs.
@@ -29,6 +32,8 @@ __all__ = [
     "SmallCNN",
     "frechet_distance",
     "label_accuracy",
+    "reference_distances",
+    "sample_scores",
 ]
 
 
@@ -197,3 +202,47 @@ def label_accuracy(scorer: ScoringClassifier, images, labels) -> float:
     if len(predicted) != len(labels):
         raise ValueError(f"{len(predicted)} images but {len(labels)} labels")
     return float(np.mean(predicted == labels)) if len(labels) else float("nan")
+
+
+def reference_distances(
+    scorer: ScoringClassifier, test_features, train_images, noise_seed: int
+) -> dict[str, float]:
+    """The Frechet distances that bracket a generator's, each over as many images as
+    ``test_features`` has rows (n): test against training images (real against real: what a
+    perfect generator gets, up to sampling noise) and uniform noise against training images
+    (what a useless one gets).
+
+    Args:
+        scorer: the scoring classifier.
+        test_features: its features of n test images, ``[n, D]``.
+        train_images: training images; the first n are used.
+        noise_seed: seed of the n uniform-noise images (their own CPU generator).
+    """
+    n = len(test_features)
+    train_features = scorer.features(train_images[:n])
+    noise = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(noise_seed))
+    return {
+        "frechet_test_to_train": frechet_distance(test_features, train_features),
+        "frechet_noise_to_train": frechet_distance(scorer.features(noise), train_features),
+    }
+
+
+def sample_scores(
+    scorer: ScoringClassifier, samples, test_features, labels=None, num_classes: int = 10
+) -> dict:
+    """Scores of generated ``samples`` (float ``[N, 1, 28, 28]`` in [0, 1]).
+
+    Returns ``frechet_distance`` (samples to ``test_features``) and, when ``labels`` (the
+    digits asked for, ``[N]``) are given, ``label_accuracy``, ``label_accuracy_per_digit`` and
+    ``label_confusion_matrix`` (int64 ``[K, K]``; rows: digit asked for, columns: recognised).
+    """
+    from classicnets.metrics.classification import confusion_matrix
+
+    out: dict = {"frechet_distance": frechet_distance(scorer.features(samples), test_features)}
+    if labels is not None:
+        labels = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else labels
+        matrix = confusion_matrix(labels, scorer.predict(samples), num_classes=num_classes)
+        out["label_accuracy"] = float(np.trace(matrix) / matrix.sum())
+        out["label_accuracy_per_digit"] = (np.diag(matrix) / matrix.sum(axis=1)).tolist()
+        out["label_confusion_matrix"] = matrix
+    return out
