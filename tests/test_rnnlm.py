@@ -243,3 +243,25 @@ def test_relu_rnn_divergence_is_reported_not_raised(corpus, tmp_path):
     assert again["diverged"]["step"] == d["step"] and again["diverged"]["epoch"] == 1
     assert not math.isfinite(again["diverged"]["loss"])
     assert run.metrics_path.read_text() == before
+
+
+def test_generate_counts_words_not_ends_and_cools_to_greedy_decoding():
+    from classicnets.models.rnnlm import generate
+
+    torch.manual_seed(0)
+    model = RNNLanguageModel(vocab_size=12, hidden_size=8, num_layers=2, init_scale=2.0)
+    ids = generate(model, [0, 3], num_tokens=15, end_token=0, seed=4)
+    assert sum(i != 0 for i in ids) == 15 and all(0 <= i < 12 for i in ids)
+    assert generate(model, [0, 3], 15, 0, seed=4) == ids  # its own seeded generator
+    # The independent reference: argmax decoding. At temperature 1e-4, softmax puts all but
+    # about exp(-gap / 1e-4) of the mass on the argmax; the smallest gap between the two top
+    # logits here is 0.027 (float32 rounding moves it by ~1e-6), so the rest is below 1e-100.
+    greedy, tokens, hidden = [], torch.tensor([[0, 3]]), None
+    with torch.no_grad():
+        while sum(i != 0 for i in greedy) < 6:
+            logits, hidden = model(tokens, hidden)
+            greedy.append(int(logits[0, -1].argmax()))
+            tokens = torch.tensor([[greedy[-1]]])
+    assert generate(model, [0, 3], 6, 0, temperature=1e-4) == greedy
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        generate(model, [0], 3, 0, temperature=0.0)

@@ -45,6 +45,7 @@ __all__ = [
     "load_ptb",
     "num_windows",
     "read_lines",
+    "render_text",
     "window",
 ]
 
@@ -151,6 +152,25 @@ def read_lines(path: str | os.PathLike[str]) -> Iterator[list[str]]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield line.split() + [EOS]
+
+
+def render_text(words: Iterable[str]) -> str:
+    """Words as PTB text, the inverse of ``read_lines``: separated by spaces, each ``<eos>``
+    ending a line (a last line without one is kept, without a newline).
+
+    >>> render_text(["the", "cat", "<eos>", "sat"])
+    'the cat\\nsat'
+    """
+    lines, current = [], []
+    for word in words:
+        if word == EOS:
+            lines.append(" ".join(current))
+            current = []
+        else:
+            current.append(word)
+    if current:
+        lines.append(" ".join(current))
+    return "\n".join(lines)
 
 
 def encode_file(path: str | os.PathLike[str], vocabulary: Vocabulary) -> np.ndarray:

@@ -21,8 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
 from classicnets.experiments.common import (
     Experiment,
     ExperimentError,
@@ -33,7 +31,7 @@ from classicnets.experiments.common import (
     train_variants,
 )
 from classicnets.experiments.config import Range
-from classicnets.models.rnnlm import CELLS, RNNLanguageModel
+from classicnets.models.rnnlm import CELLS, RNNLanguageModel, generate
 from classicnets.train.run import RunDir
 
 __all__ = [
@@ -42,7 +40,6 @@ __all__ = [
     "PUBLISHED",
     "RNNvsLSTMConfig",
     "build_model",
-    "generate",
     "lm_settings",
     "run",
     "sample",
@@ -442,69 +439,6 @@ def evaluate_trained(config: RNNvsLSTMConfig, run_dir: RunDir, device: str = "cp
     return out
 
 
-@torch.no_grad()
-def generate(
-    model: RNNLanguageModel,
-    vocabulary,
-    num_words: int,
-    temperature: float = 1.0,
-    prompt: list[str] | None = None,
-    seed: int = 0,
-) -> list[str]:
-    """Sample words from ``model``, continuing ``prompt``.
-
-    The model first reads ``<eos>`` (a sentence starts after one) and the prompt, then draws
-    each next token from ``softmax(logits / temperature)``. ``<eos>`` tokens are kept in the
-    output (they end sentences) but do not count towards ``num_words``.
-
-    Args:
-        model: the language model (eval mode is set here).
-        vocabulary: its ``Vocabulary``.
-        num_words: words to generate, ``<eos>`` not counted.
-        temperature: > 0; below 1 sharpens the distribution, above 1 flattens it.
-        prompt: words to continue; each must be in the vocabulary.
-        seed: seed of the sampling generator.
-
-    Returns:
-        The generated tokens (without the prompt).
-    """
-    from classicnets.data.ptb import EOS
-
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    model.eval()
-    device = next(model.parameters()).device
-    context = vocabulary.encode([EOS, *(prompt or [])])
-    generator = torch.Generator().manual_seed(seed)
-    logits, hidden = model(torch.tensor([context], device=device))  # [1, T, V]
-    out: list[str] = []
-    words = 0
-    limit = 20 * num_words + 100  # a model that only ends sentences still stops
-    while words < num_words and len(out) < limit:
-        probs = torch.softmax(logits[0, -1].double().cpu() / temperature, dim=-1)  # [V]
-        token = int(torch.multinomial(probs, 1, generator=generator))
-        out.append(vocabulary.word(token))
-        words += out[-1] != EOS
-        logits, hidden = model(torch.tensor([[token]], device=device), hidden)
-    return out
-
-
-def _render(tokens: list[str]) -> str:
-    """Words separated by spaces, one sentence per line (``<eos>`` ends a line)."""
-    from classicnets.data.ptb import EOS
-
-    lines, current = [], []
-    for t in tokens:
-        if t == EOS:
-            lines.append(" ".join(current))
-            current = []
-        else:
-            current.append(t)
-    if current:
-        lines.append(" ".join(current))
-    return "\n".join(lines)
-
-
 def sample(
     config: RNNvsLSTMConfig,
     run_dir: RunDir,
@@ -533,7 +467,7 @@ def sample(
             f"(has the run started?)"
         )
     trained = next(iter(models.values()))
-    from classicnets.data.ptb import Vocabulary
+    from classicnets.data.ptb import EOS, Vocabulary, render_text
 
     vocabulary = Vocabulary(trained.info["vocabulary"])
     prompt = (request.prompt or "").split()
@@ -543,10 +477,10 @@ def sample(
             f"prompt word {unknown[0]!r} is not in the vocabulary ({len(vocabulary)} words; "
             f"Penn Treebank is lower-case, numbers are 'N', rare words '<unk>')"
         )
-    tokens = generate(
-        trained.model, vocabulary, request.n, request.temperature, prompt, request.seed
-    )
-    return _render(prompt + tokens)
+    context = vocabulary.encode([EOS, *prompt])  # a sentence starts after an <eos>
+    ids = generate(trained.model, context, request.n, vocabulary.eos_id, request.temperature,
+                   request.seed)  # fmt: skip
+    return render_text(prompt + vocabulary.decode(ids))
 
 
 EXPERIMENT = Experiment(

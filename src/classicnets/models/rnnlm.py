@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from classicnets.models.registry import register_presets
 
-__all__ = ["CELLS", "Hidden", "RNNLanguageModel", "detach_hidden"]
+__all__ = ["CELLS", "Hidden", "RNNLanguageModel", "detach_hidden", "generate"]
 
 CELLS = ("lstm", "rnn_tanh", "rnn_relu")
 
@@ -144,6 +144,41 @@ class RNNLanguageModel(nn.Module):
         output, hidden = self.rnn(x, hidden)  # [B, T, H]
         logits = self.decoder(self.dropout(output))  # [B, T, V]
         return logits, hidden
+
+
+@torch.no_grad()
+def generate(
+    model: RNNLanguageModel,
+    context: list[int],
+    num_tokens: int,
+    end_token: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[int]:
+    """Token ids sampled from ``model`` after it has read ``context`` (at least one id).
+
+    Each next token is drawn from ``softmax(logits / temperature)`` (float64, on the CPU, with
+    its own generator seeded ``seed``). ``end_token`` (``<eos>``: it ends sentences) is kept in
+    the output but not counted towards ``num_tokens``; a model that only ends sentences still
+    stops after ``20 * num_tokens + 100`` draws. The model is left in eval mode.
+
+    Args:
+        temperature: > 0; below 1 sharpens the distribution, above 1 flattens it.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    logits, hidden = model(torch.tensor([context], device=device))  # [1, T, V]
+    out: list[int] = []
+    counted = 0
+    while counted < num_tokens and len(out) < 20 * num_tokens + 100:
+        probs = torch.softmax(logits[0, -1].double().cpu() / temperature, dim=-1)  # [V]
+        out.append(int(torch.multinomial(probs, 1, generator=generator)))
+        counted += out[-1] != end_token
+        logits, hidden = model(torch.tensor([[out[-1]]], device=device), hidden)
+    return out
 
 
 _TINY = {"vocab_size": 10, "hidden_size": 8, "num_layers": 2, "dropout": 0.1}
