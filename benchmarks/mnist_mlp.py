@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from classicnets.data.batching import ShuffledBatches
+from classicnets.data.tensors import load_image_data
 from classicnets.experiments.bn_mlp import BNMLPConfig, build_model
-from classicnets.experiments.common import load_image_data, resolve_device
+from classicnets.experiments.common import resolve_device
 from classicnets.train.classifier import train_classifier
 from classicnets.train.params import param_groups
 from classicnets.train.settings import TrainSettings, make_optimizer

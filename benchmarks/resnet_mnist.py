@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from classicnets.experiments.common import load_image_data, resolve_device, train_settings
+from classicnets.data.tensors import load_image_data
+from classicnets.experiments.common import resolve_device, train_settings
 from classicnets.experiments.resnet_vs_mlp import ResNetVsMLPConfig, build_model
 from classicnets.train.classifier import train_classifier
 

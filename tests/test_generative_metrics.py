@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from classicnets.experiments.common import ExperimentError, load_image_data
+from classicnets.data.tensors import load_image_data
+from classicnets.experiments.common import ExperimentError
 from classicnets.experiments.scorer import scoring_classifier
 from classicnets.metrics.generative import (
     frechet_distance,

@@ -269,3 +269,27 @@ def test_plot_without_names_and_many_classes(tmp_path):
 def test_docstring_examples():
     result = doctest.testmod(classification)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_evaluate_classifier_against_scikit_learn_and_one_batch_cross_entropy():
+    from classicnets.metrics.evaluation import evaluate_classifier
+    from tolerances import U64, gamma
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4).double().train()
+    x, y = torch.randn(250, 6, dtype=torch.float64), torch.randint(0, 4, (250,))
+    result = evaluate_classifier(model, x, y, ["a", "b", "c", "d"], batch_size=64)  # 4 batches
+    assert model.training  # its mode restored
+    with torch.no_grad():
+        predicted = model(x).argmax(1).numpy()
+        nll = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    assert np.array_equal(result["confusion_matrix"], skm.confusion_matrix(y, predicted))
+    assert result["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted), abs=1e-15)
+    assert result["macro_f1"] == pytest.approx(
+        skm.f1_score(y, predicted, average="macro", zero_division=0), abs=1e-12
+    )
+    # The same 250 float64 terms summed in batches and then across them, or in one sum.
+    mean = nll.mean().item()
+    assert result["loss"] == pytest.approx(mean, abs=2 * gamma(250, U64) * mean)
+    assert result["class_names"] == ["a", "b", "c", "d"]
+    assert result["per_class"]["support"] == np.bincount(y, minlength=4).tolist()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from classicnets.data.tensors import ClassificationData, load_image_data
 from classicnets.experiments.config import (
     ConfigError,
     apply_overrides,
@@ -46,9 +47,7 @@ __all__ = [
     "evaluate_run",
     "get_experiment",
     "list_experiments",
-    "classifier_evaluation",
     "image_data_of",
-    "load_image_data",
     "resolve_device",
     "resume_experiment",
     "run_config",
@@ -500,13 +499,17 @@ def load_classifiers(experiment_build, config, run_dir: RunDir, variants, device
 
 def evaluate_classifiers(experiment_build, config, run_dir: RunDir, variants, device: str):
     """``evaluate`` for the MNIST classifier experiments: test metrics and confusion matrix."""
+    from classicnets.data import CLASS_NAMES
+    from classicnets.metrics.evaluation import evaluate_classifier
+
+    names = CLASS_NAMES[config.dataset]
     data = load_image_data(config.dataset, config.data_dir, device, download=config.download)
     out = {}
     for variant, trained in load_classifiers(
         experiment_build, config, run_dir, variants, device
     ).items():
         out[variant] = {
-            **classifier_evaluation(trained.model, data, config.dataset),
+            **evaluate_classifier(trained.model, data.test_x, data.test_y, names),
             "step": trained.step,
             "checkpoint": trained.checkpoint,
         }
@@ -519,7 +522,7 @@ def evaluate_run(run_dir: str | Path, device: str = "auto") -> dict[str, Any]:
     return experiment.evaluate(config, run, device=resolve_device(device))
 
 
-def image_data_of(config, device: str):
+def image_data_of(config, device: str) -> ClassificationData:
     """``load_image_data`` of an experiment's config: its ``dataset`` (MNIST for a config with
     none), ``data_dir``, ``download``, ``train_limit`` and ``test_limit`` (all of the test split
     for a config with none)."""
@@ -527,70 +530,6 @@ def image_data_of(config, device: str):
     test_limit = getattr(config, "test_limit", None)
     return load_image_data(dataset, config.data_dir, device, config.train_limit, config.download,
                            test_limit)  # fmt: skip
-
-
-def load_image_data(
-    dataset: str,
-    data_dir: str | None,
-    device: str,
-    train_limit=None,
-    download: bool = True,
-    test_limit=None,
-):
-    """MNIST / Fashion-MNIST as ``ClassificationData``: float32 in [0, 1], shape [N, 1, 28, 28],
-    whole splits on ``device``. ``train_limit`` and ``test_limit`` keep the first examples of
-    the training and test splits (quick runs)."""
-    import torch
-
-    from classicnets.data import load_mnist
-    from classicnets.train.settings import ClassificationData
-
-    splits = []
-    for split in ("train", "test"):
-        images, labels = load_mnist(split, dataset=dataset, data_dir=data_dir, download=download)
-        limit = train_limit if split == "train" else test_limit
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        x = torch.from_numpy(images).to(device=device, dtype=torch.float32).div_(255.0)
-        splits += [x.unsqueeze(1), torch.from_numpy(labels).to(device)]  # (N, 1, 28, 28), (N,)
-    return ClassificationData(*splits)
-
-
-def classifier_evaluation(model, data, dataset: str, batch_size: int = 1000) -> dict[str, Any]:
-    """Accuracy, loss, confusion matrix and per-class metrics of ``model`` on the test split.
-
-    Returns a dict with ``accuracy``, ``loss``, ``confusion_matrix`` (int64 ``[K, K]``, rows =
-    true class), ``class_names``, ``macro_f1`` and ``per_class`` (precision, recall, F1, support).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from classicnets.data import CLASS_NAMES
-    from classicnets.data.batching import iterate_in_order
-    from classicnets.metrics import confusion_matrix, per_class_metrics
-
-    was_training = model.training
-    model.eval()
-    predictions, loss = [], 0.0
-    with torch.no_grad():
-        for sl in iterate_in_order(len(data.test_x), batch_size):
-            logits = model(data.test_x[sl])
-            loss += F.cross_entropy(logits, data.test_y[sl], reduction="sum").item()
-            predictions.append(logits.argmax(dim=1).cpu())
-    model.train(was_training)
-    names = CLASS_NAMES[dataset]
-    matrix = confusion_matrix(
-        data.test_y.cpu().numpy(), torch.cat(predictions).numpy(), num_classes=len(names)
-    )
-    metrics = per_class_metrics(matrix)
-    return {
-        "accuracy": metrics["accuracy"],
-        "loss": loss / len(data.test_x),
-        "confusion_matrix": matrix,
-        "class_names": list(names),
-        "macro_f1": metrics["macro_f1"],
-        "per_class": {k: metrics[k].tolist() for k in ("precision", "recall", "f1", "support")},
-    }
 
 
 class Stopwatch:

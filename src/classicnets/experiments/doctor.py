@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from classicnets.data.tensors import load_image_data
 from classicnets.experiments.common import (
     ExperimentError,
-    load_image_data,
     load_trained_models,
     run_config,
 )

@@ -14,16 +14,17 @@ from typing import Any, ClassVar
 
 import torch
 
+from classicnets.data import CLASS_NAMES
 from classicnets.experiments.common import (
     Experiment,
     Job,
     TrainingOptions,
-    classifier_evaluation,
     image_data_of,
     summarize,
     train_settings,
     train_variants,
 )
+from classicnets.metrics.evaluation import evaluate_classifier
 from classicnets.models import MLP, create_model, model_entry
 from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.classifier import train_classifier
@@ -135,7 +136,9 @@ def run(config: ResNetVsMLPConfig, job: Job) -> dict:
                                   resume=job.resume, augment=shift)  # fmt: skip
         result.update(lr=lr, parameters=sum(p.numel() for p in model.parameters()))
         if result["complete"]:
-            evaluation = classifier_evaluation(model, data, config.dataset)
+            evaluation = evaluate_classifier(
+                model, data.test_x, data.test_y, CLASS_NAMES[config.dataset]
+            )
             result["macro_f1"] = evaluation["macro_f1"]
             evaluation_plots(job.run_dir, variant, evaluation)
         return result

@@ -97,7 +97,7 @@ def scorer_of(config, run_dir, device: str, cache_name: str) -> ScoringClassifie
 
 def _train_scorer(data_dir, device: str, download: bool, quick: bool) -> tuple[nn.Module, dict]:
     """Train a ``SmallCNN`` with the classifier loop (no files); the caller's RNG is untouched."""
-    from classicnets.experiments.common import load_image_data
+    from classicnets.data.tensors import load_image_data
     from classicnets.train.classifier import train_classifier
     from classicnets.train.settings import TrainSettings
 

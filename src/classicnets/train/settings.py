@@ -1,7 +1,7 @@
-"""What the classifier, autoencoder and VAE are trained with: ``TrainSettings``, the data
-container, the optimizer and schedule the settings make, the deterministic switch, and
-``SettingsTask``, the base of the three paradigms' tasks (``train.fit``). One module, so that no
-paradigm is another's base.
+"""What the classifier, autoencoder and VAE are trained with: ``TrainSettings``, the optimizer
+and schedule the settings make, the deterministic switch, and ``SettingsTask``, the base of the
+three paradigms' tasks (``train.fit``). One module, so that no paradigm is another's base. The
+data container, ``data.tensors.ClassificationData``, is re-exported here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from classicnets.data.batching import ShuffledBatches
+from classicnets.data.tensors import ClassificationData
 from classicnets.nn.batchnorm import convert_sync_batchnorm
 from classicnets.train.fit import Cadence, Task, optimize
 from classicnets.train.params import param_groups
@@ -32,22 +33,6 @@ __all__ = [
 ]
 
 EvalHook = Callable[[nn.Module], dict[str, Any]]
-
-
-@dataclass
-class ClassificationData:
-    """Whole splits as tensors: inputs float ``[N, ...]``, labels int64 ``[N]``."""
-
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-
-    def to(self, device: torch.device | str) -> ClassificationData:
-        return ClassificationData(*(t.to(device) for t in self.tensors()))
-
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.train_x, self.train_y, self.test_x, self.test_y
 
 
 @dataclass(kw_only=True)
