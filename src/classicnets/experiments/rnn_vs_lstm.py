@@ -17,6 +17,7 @@ a model whose training loss stops being finite (the ReLU RNN's activations overf
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from classicnets.experiments.common import (
     Job,
     SampleRequest,
     TrainedModel,
+    load_checkpointed,
     settings_for,
     train_variants,
 )
@@ -383,40 +385,29 @@ def load_models(
     config: RNNvsLSTMConfig, run_dir: RunDir, device: str = "cpu", variants=None
 ) -> dict[str, TrainedModel]:
     """Each variant's newest checkpoint as a ``TrainedModel`` (eval mode)."""
-    from classicnets.train.checkpoint import latest_checkpoint
-    from classicnets.train.state import load_model_weights
-
-    vocabulary = None
-    out = {}
     p = config.resolved()
-    for variant in variants or config.variants:
-        found = latest_checkpoint(run_dir.checkpoints, variant)
-        if found is None:
-            continue
-        vocabulary = vocabulary or _read_vocabulary(config, run_dir)
-        tensors, state, path = found
-        model = build_model(config, variant, len(vocabulary)).to(device)
-        load_model_weights(model, tensors)
-        out[variant] = TrainedModel(
-            model.eval(),
-            int(state["step"]),
-            str(path),
-            {
-                "kind": "language_model",
-                "input_shape": [p["num_steps"]],
-                "input_dtype": "int64",
-                "preprocessing": (
-                    "word ids in the vocabulary's order, '<eos>' after each sentence; "
-                    "forward(tokens [B, T], hidden) -> (logits [B, T, V], hidden)"
-                ),
-                "vocabulary": list(vocabulary.words),
-                "num_layers": p["num_layers"],
-                "hidden_size": p["hidden_size"],
-                "cell": variant,
-                "tie_weights": config.tie_weights,
-            },
-        )
-    return out
+    vocabulary = functools.cache(lambda: _read_vocabulary(config, run_dir))  # when one is found
+
+    def info(variant: str, model) -> dict[str, Any]:
+        return {
+            "kind": "language_model",
+            "input_shape": [p["num_steps"]],
+            "input_dtype": "int64",
+            "preprocessing": (
+                "word ids in the vocabulary's order, '<eos>' after each sentence; "
+                "forward(tokens [B, T], hidden) -> (logits [B, T, V], hidden)"
+            ),
+            "vocabulary": list(vocabulary().words),
+            "num_layers": p["num_layers"],
+            "hidden_size": p["hidden_size"],
+            "cell": variant,
+            "tie_weights": config.tie_weights,
+        }
+
+    def build(variant: str) -> RNNLanguageModel:
+        return build_model(config, variant, len(vocabulary()))
+
+    return load_checkpointed(build, run_dir, variants or config.variants, device, info)
 
 
 def evaluate_trained(config: RNNvsLSTMConfig, run_dir: RunDir, device: str = "cpu") -> dict:
