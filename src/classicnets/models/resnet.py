@@ -110,21 +110,22 @@ def _zero_init_last(conv: nn.Conv2d, norm: nn.Module) -> None:
         conv.bias.zero_()
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with a shortcut (He et al. 2016, Fig. 2 and Fig. 5 left).
-
-    ``x -> conv1 (3x3, stride) -> norm1 -> act1 -> conv2 (3x3) -> norm2``
-    ``-> + shortcut(x) -> act_out``
+class _Block(nn.Module):
+    """What both residual blocks share: a branch of convs ``conv1 ... convK`` (kernels
+    ``KERNELS``; the one numbered ``STRIDED`` carries the stride), each followed by ``normI``
+    and, but for the last, ``actI`` (ReLU); a ``shortcut``; and ``act_out`` after the sum.
 
     Args:
         in_channels: channels of the input.
-        planes: channels of both convs; the block outputs ``planes * expansion = planes``.
-        stride: stride of the first conv (and of the projection shortcut).
+        planes: channels of the inner convs; the block outputs ``planes * expansion``.
+        stride: stride of conv ``STRIDED`` (and of the projection shortcut).
         norm_layer: ``norm_layer(num_features) -> nn.Module``, a name (``"batchnorm"``,
             ``"none"``) or ``None`` for no norm.
     """
 
-    expansion = 1
+    expansion: int
+    KERNELS: tuple[int, ...]
+    STRIDED: int
 
     def __init__(
         self,
@@ -136,17 +137,32 @@ class BasicBlock(nn.Module):
         super().__init__()
         norm_layer = resolve_norm(norm_layer)
         out_channels = planes * self.expansion
-        self.conv1 = _conv(in_channels, planes, 3, stride, norm_layer)
-        self.norm1 = _norm(norm_layer, planes)
-        self.act1 = nn.ReLU()
-        self.conv2 = _conv(planes, out_channels, 3, 1, norm_layer)
-        self.norm2 = _norm(norm_layer, out_channels)
+        last = len(self.KERNELS)
+        for i, kernel in enumerate(self.KERNELS, start=1):
+            cin, cout = in_channels if i == 1 else planes, out_channels if i == last else planes
+            conv_stride = stride if i == self.STRIDED else 1
+            self.add_module(f"conv{i}", _conv(cin, cout, kernel, conv_stride, norm_layer))
+            self.add_module(f"norm{i}", _norm(norm_layer, cout))
+            if i < last:
+                self.add_module(f"act{i}", nn.ReLU())
         self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
         self.act_out = nn.ReLU()
 
     def zero_init_last(self) -> None:
         """Zero the residual branch's last scale: the block starts as ``relu(shortcut(x))``."""
-        _zero_init_last(self.conv2, self.norm2)
+        last = len(self.KERNELS)
+        _zero_init_last(getattr(self, f"conv{last}"), getattr(self, f"norm{last}"))
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convs with a shortcut (He et al. 2016, Fig. 2 and Fig. 5 left); the first conv
+    carries the stride, and the block outputs ``planes`` channels (arguments: ``_Block``).
+
+    ``x -> conv1 (3x3, stride) -> norm1 -> act1 -> conv2 (3x3) -> norm2``
+    ``-> + shortcut(x) -> act_out``
+    """
+
+    expansion, KERNELS, STRIDED = 1, (3, 3), 1
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act1(self.norm1(self.conv1(x)))  # (N, planes, H / stride, W / stride)
@@ -154,8 +170,9 @@ class BasicBlock(nn.Module):
         return self.act_out(out + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand to ``4 * planes``, with a shortcut (He et al. 2016, Sec. 4.1).
+class Bottleneck(_Block):
+    """1x1 reduce, 3x3, 1x1 expand to ``4 * planes``, with a shortcut (He et al. 2016, Sec. 4.1;
+    arguments: ``_Block``).
 
     ``x -> conv1 (1x1) -> norm1 -> act1 -> conv2 (3x3, stride) -> norm2 -> act2``
     ``-> conv3 (1x1) -> norm3 -> + shortcut(x) -> act_out``
@@ -163,41 +180,9 @@ class Bottleneck(nn.Module):
     The 1x1 convs make the 3x3 conv work on ``planes`` channels while the block's input and output
     have ``4 * planes``: deeper networks for the cost of shallow ones (Sec. 4.1, "Deeper
     Bottleneck Architectures"). The stride is on the 3x3 conv (torchvision's "ResNet v1.5").
-
-    Args:
-        in_channels: channels of the input.
-        planes: channels of the two inner convs; the block outputs ``planes * expansion``.
-        stride: stride of the 3x3 conv (and of the projection shortcut).
-        norm_layer: ``norm_layer(num_features) -> nn.Module``, a name (``"batchnorm"``,
-            ``"none"``) or ``None`` for no norm.
     """
 
-    expansion = 4
-
-    def __init__(
-        self,
-        in_channels: int,
-        planes: int,
-        stride: int = 1,
-        norm_layer: str | NormLayer | None = BatchNorm,
-    ) -> None:
-        super().__init__()
-        norm_layer = resolve_norm(norm_layer)
-        out_channels = planes * self.expansion
-        self.conv1 = _conv(in_channels, planes, 1, 1, norm_layer)
-        self.norm1 = _norm(norm_layer, planes)
-        self.act1 = nn.ReLU()
-        self.conv2 = _conv(planes, planes, 3, stride, norm_layer)
-        self.norm2 = _norm(norm_layer, planes)
-        self.act2 = nn.ReLU()
-        self.conv3 = _conv(planes, out_channels, 1, 1, norm_layer)
-        self.norm3 = _norm(norm_layer, out_channels)
-        self.shortcut = _shortcut(in_channels, out_channels, stride, norm_layer)
-        self.act_out = nn.ReLU()
-
-    def zero_init_last(self) -> None:
-        """Zero the residual branch's last scale: the block starts as ``relu(shortcut(x))``."""
-        _zero_init_last(self.conv3, self.norm3)
+    expansion, KERNELS, STRIDED = 4, (1, 3, 1), 2
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.act1(self.norm1(self.conv1(x)))  # (N, planes, H, W)
