@@ -44,8 +44,6 @@ class BNMLPConfig(TrainingOptions):
     sync BN, ...) come from ``TrainingOptions``."""
 
     dataset: str = "mnist"  # "mnist" or "fashion-mnist"
-    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
-    download: bool = True  # download missing data files (sha256-verified) into the data root
     hidden_sizes: tuple[int, ...] = (100, 100, 100)  # 3 hidden layers of 100 units
     activation: str = "sigmoid"
     steps: int = 50_000  # optimization steps per variant
@@ -66,10 +64,6 @@ class BNMLPConfig(TrainingOptions):
     eval_every: int = 500  # test accuracy and percentiles every this many steps
     log_every: int = 100
     checkpoint_every: int = 5000
-    seed: int = 0
-    train_limit: int | None = None  # use only the first N training images (quick runs)
-    progress: bool = True
-    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
 
     @classmethod
     def quick(cls) -> BNMLPConfig:

@@ -36,6 +36,7 @@ __all__ = [
     "Experiment",
     "ExperimentError",
     "Job",
+    "RunOptions",
     "SampleRequest",
     "TrainedModel",
     "load_checkpointed",
@@ -65,9 +66,25 @@ class ExperimentError(ValueError):
 
 
 @dataclass
-class TrainingOptions:
-    """Training switches every experiment config inherits (``train.settings.TrainSettings``
-    documents each). All are off by default; on CPU, bf16 and fp16 run but are slower."""
+class RunOptions:
+    """What every experiment's config has; its own fields follow these."""
+
+    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
+    download: bool = True  # download missing data files (sha256-verified) into the data root
+    seed: int = 0  # initialization (every variant starts from it) and training's random draws
+    train_limit: int | None = None  # train on the first N examples only (quick runs)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+    deterministic: bool = True  # deterministic kernels: bit-identical reruns and resumes on CPU
+    keep_checkpoints: int = 2  # checkpoints kept per model
+    progress: bool = True  # a progress bar per variant
+    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
+
+
+@dataclass
+class TrainingOptions(RunOptions):
+    """Training switches the classifier, autoencoder, VAE and GAN configs inherit
+    (``train.settings.TrainSettings`` documents each). All are off by default; on CPU, bf16 and
+    fp16 run but are slower."""
 
     weight_decay: float = 0.0  # never applied to BN parameters and biases
     schedule: str = "constant"  # constant | step | cosine | exp-after-epoch | plateau
@@ -78,12 +95,9 @@ class TrainingOptions:
     epochs_at_full_lr: int = 4  # exp-after-epoch: epochs before decaying
     plateau_patience: int = 5  # plateau: evaluations without improvement before decaying
     clip_grad_norm: float | None = None  # clip to this global norm (the norm is logged)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
     compile: bool = False  # torch.compile the training model
     channels_last: bool = False  # NHWC memory format (convolutional models)
     sync_bn: bool = False  # synchronized BN across torchrun processes
-    keep_checkpoints: int = 2  # checkpoints kept per model
-    deterministic: bool = True  # deterministic kernels: bit-identical reruns and resumes on CPU
 
 
 def settings_for(settings_cls: type, config, **given):

@@ -61,8 +61,6 @@ class ConvAEConfig(TrainingOptions):
     """Configuration of ``conv-ae``; shared training switches from ``TrainingOptions``."""
 
     dataset: str = "mnist"  # "mnist" or "fashion-mnist"
-    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
-    download: bool = True  # download missing data files (sha256-verified) into the data root
     variants: tuple[str, ...] = ("transpose", "nearest", "unpool")  # any of VARIANTS
     channels: tuple[int, ...] = (16, 32, 16)  # after each stride-2 conv; code 16 x 4 x 4 = 256
     kernel_size: int = 3
@@ -76,12 +74,8 @@ class ConvAEConfig(TrainingOptions):
     eval_every: int = 500  # test reconstruction error every this many steps (and at the end)
     log_every: int = 50
     checkpoint_every: int = 500
-    seed: int = 0
-    train_limit: int | None = None  # use only the first N training images (quick runs)
     test_limit: int | None = None  # evaluate on the first N test images only (quick runs)
     grid_images: int = 10  # test images in the reconstruction grid
-    progress: bool = True
-    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
 
     @classmethod
     def quick(cls) -> ConvAEConfig:

@@ -67,8 +67,6 @@ class GANConfig(TrainingOptions):
         **dict.fromkeys(["score_samples", "eval_samples"], Range(2 * NUM_CLASSES)),  # 2 a class
     }
 
-    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
-    download: bool = True
     variants: tuple[str, ...] = VARIANTS  # any of "gan", "cgan"
     latent_size: int = 32
     generator_hidden: tuple[int, ...] = (150, 300)
@@ -108,10 +106,6 @@ class GANConfig(TrainingOptions):
     collapse_fraction: float = 0.25
     collapse_window: int = 3
     monitor_after: int = 1000  # ignore the first steps (an untrained G is collapsed by nature)
-    seed: int = 0
-    train_limit: int | None = None  # use only the first N training images (quick runs)
-    progress: bool = True
-    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
 
     @classmethod
     def quick(cls) -> GANConfig:

@@ -40,8 +40,6 @@ class ResNetVsMLPConfig(TrainingOptions):
     """Configuration of ``resnet-vs-mlp``; shared training switches from ``TrainingOptions``."""
 
     dataset: str = "mnist"  # "mnist" or "fashion-mnist"
-    data_dir: str | None = None
-    download: bool = True
     # A registered ResNet: resnet-medium (bottleneck blocks, two per stage) reaches 99.5% on
     # MNIST in this budget; resnet-small (one per stage) stops at 99.4% (docs/benchmarks.md).
     resnet_model: str = "resnet-medium"
@@ -64,10 +62,6 @@ class ResNetVsMLPConfig(TrainingOptions):
     eval_every: int = 500
     log_every: int = 100
     checkpoint_every: int = 2000
-    seed: int = 0
-    train_limit: int | None = None
-    progress: bool = True
-    stop_after: int | None = None
 
     @classmethod
     def quick(cls) -> ResNetVsMLPConfig:

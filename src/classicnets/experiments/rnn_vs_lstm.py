@@ -26,6 +26,7 @@ from classicnets.experiments.common import (
     Experiment,
     ExperimentError,
     Job,
+    RunOptions,
     SampleRequest,
     TrainedModel,
     load_checkpointed,
@@ -109,7 +110,7 @@ PUBLISHED: dict[str, dict[str, float]] = {
 
 
 @dataclass
-class RNNvsLSTMConfig:
+class RNNvsLSTMConfig(RunOptions):
     """Configuration of ``rnn-vs-lstm``.
 
     ``config`` picks Zaremba et al.'s preset; the size and schedule fields left at None take
@@ -118,8 +119,6 @@ class RNNvsLSTMConfig:
 
     config: str = "small"  # small | medium | large (Zaremba et al. 2014 / TF tutorial)
     variants: tuple[str, ...] = VARIANTS  # any of lstm, rnn_tanh, rnn_relu
-    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
-    download: bool = True  # download missing PTB files (sha256-verified) into the data root
     # None: the preset's value (small / medium / large).
     hidden_size: int | None = None  # units per layer and embedding size: 200 / 650 / 1500
     num_layers: int | None = None  # 2 / 2 / 2
@@ -141,16 +140,9 @@ class RNNvsLSTMConfig:
     tie_weights: bool = False  # share embedding and output weights (not in Zaremba et al.)
     eval_batch_size: int = 1  # 1: every token with its full left context (the TF test protocol)
     eval_num_steps: int = 35  # evaluation window (no effect on the result beyond rounding)
-    train_limit: int | None = None  # train on the first N tokens only (quick runs)
     eval_limit: int | None = None  # evaluate on the first N tokens of valid and test only
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of the forward pass)
-    deterministic: bool = True  # deterministic kernels: bit-identical reruns and resumes on CPU
     log_every: int = 100  # training-perplexity record every this many steps
     checkpoint_every: int = 1000  # steps between checkpoints, besides every epoch end
-    keep_checkpoints: int = 2  # checkpoints kept per model
-    seed: int = 0  # initialization and dropout
-    progress: bool = True
-    stop_after: int | None = None  # stop each model after this many steps (resume demos)
 
     @classmethod
     def quick(cls) -> RNNvsLSTMConfig:

@@ -68,8 +68,6 @@ DIGITS = tuple(range(10))
 class VAEConfig(TrainingOptions):
     """Configuration of ``vae``; shared training switches from ``TrainingOptions``."""
 
-    data_dir: str | None = None  # data root; default $CLASSICNETS_DATA or ~/.cache/classicnets
-    download: bool = True
     variants: tuple[str, ...] = VARIANTS  # any of vae-bce, vae-mse, cvae-bce, cvae-mse
     hidden_sizes: tuple[int, ...] = (128, 64)  # encoder widths; the decoder mirrors them
     latent_size: int = 32
@@ -97,11 +95,7 @@ class VAEConfig(TrainingOptions):
     classifier_run: str | None = None  # a resnet-vs-mlp run whose resnet scores the samples
     scorer_cache: str | None = None  # cache of the trained scorer; None: RUN_DIR/scoring_classifier
     quick_scorer: bool = False  # train the scorer with the quick recipe (tests)
-    seed: int = 0
-    train_limit: int | None = None  # use only the first N training images (quick runs)
     test_limit: int | None = None  # evaluate and score on the first N test images only
-    progress: bool = True
-    stop_after: int | None = None  # stop each variant after this many steps (resume demos)
 
     @classmethod
     def quick(cls) -> VAEConfig:
