@@ -205,3 +205,19 @@ def test_fold_bn_folds_every_norm_and_keeps_outputs(name, dtype, tol):
         expected, got = model(x), folded(x)
     # Logits are O(1): the relative bound serves as the absolute one.
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet-small", "resnet-medium", "resnet-bottleneck", "resnet-basic"]
+)
+def test_preset_descriptions_state_the_built_network(name):
+    from classicnets.models import model_entry
+
+    stages = list(create_model(name).stages)  # each a sequence of blocks
+    last = "conv3" if isinstance(stages[0][0], Bottleneck) else "conv2"
+    layers = tuple(len(stage) for stage in stages)
+    planes = "-".join(str(stage[0].conv1.out_channels) for stage in stages)
+    outputs = "-".join(str(getattr(stage[-1], last).out_channels) for stage in stages)
+    text = model_entry(name).description
+    assert f"stages {layers} of planes {planes}" in text, text
+    assert (f"(outputs {outputs})" in text) == (last == "conv3"), text

@@ -288,28 +288,29 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------- registered variants
 
 
+def _preset(block: type[_Block], layers: tuple, widths: tuple, note: str) -> tuple[str, dict]:
+    """A preset's description, made from its arguments so that the two cannot disagree."""
+    kind = "bottleneck blocks" if block is Bottleneck else "basic blocks (two 3x3 convs)"
+    text = f"ResNet of {kind} for 28x28 images, stages {layers} of planes {_dashed(widths)}"
+    if block.expansion != 1:
+        text += f" (outputs {_dashed(w * block.expansion for w in widths)})"
+    return f"{text}; {note}", {"block": block, "layers": layers, "widths": widths}
+
+
+def _dashed(values) -> str:
+    return "-".join(map(str, values))
+
+
 register_presets(
     ResNet,
     {
-        "resnet-small": (
-            "ResNet of bottleneck blocks for 28x28 images, stages (1, 1, 1) of planes 16-32-64 "
-            "(outputs 64-128-256); small and fast on CPU",
-            {"block": Bottleneck, "layers": (1, 1, 1), "widths": (16, 32, 64)},
+        "resnet-small": _preset(Bottleneck, (1, 1, 1), (16, 32, 64), "small and fast on CPU"),
+        "resnet-medium": _preset(
+            Bottleneck, (2, 2, 2), (16, 32, 64), "resnet-small with two blocks per stage"
         ),
-        "resnet-medium": (
-            "ResNet of bottleneck blocks for 28x28 images, stages (2, 2, 2) of planes 16-32-64 "
-            "(outputs 64-128-256): resnet-small with two blocks per stage",
-            {"block": Bottleneck, "layers": (2, 2, 2), "widths": (16, 32, 64)},
-        ),
-        "resnet-bottleneck": (
-            "ResNet of bottleneck blocks for 28x28 images, stages (2, 2, 2) of planes 32-64-128 "
-            "(outputs 128-256-512); the larger variant",
-            {"block": Bottleneck, "layers": (2, 2, 2), "widths": (32, 64, 128)},
-        ),
-        "resnet-basic": (
-            "ResNet of basic blocks (two 3x3 convs) for 28x28 images, stages (2, 2, 2) of widths "
-            "32-64-128",
-            {"block": BasicBlock, "layers": (2, 2, 2), "widths": (32, 64, 128)},
+        "resnet-bottleneck": _preset(Bottleneck, (2, 2, 2), (32, 64, 128), "the larger variant"),
+        "resnet-basic": _preset(
+            BasicBlock, (2, 2, 2), (32, 64, 128), "resnet-bottleneck's sizes with basic blocks"
         ),
     },
     example_input_shape=(4, 1, 28, 28),
