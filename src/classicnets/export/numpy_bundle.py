@@ -362,33 +362,33 @@ def _check_inflation(path: Path, archive_size: int) -> None:
         )
 
 
+def _unreadable(what: str, exc: ValueError, otherwise: str) -> ExportError:
+    """The error for a ``ValueError`` of ``np.load(..., allow_pickle=False)``: a pickled object
+    (refused, never loaded) or ``otherwise``."""
+    if "pickle" in str(exc).lower():
+        return ExportError(
+            f"{what} holds a pickled object; refused (bundles hold numeric arrays only and are "
+            f"loaded with allow_pickle=False)"
+        )
+    return ExportError(f"{what} {otherwise} ({exc})")
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ExportError(f"{path}: weights file is missing")
     _check_inflation(path, path.stat().st_size)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            keys = list(npz.files)
             out = {}
-            for key in keys:
+            for key in list(npz.files):
                 try:
                     out[key] = npz[key]
                 except ValueError as exc:
-                    if "pickle" in str(exc).lower():
-                        raise ExportError(
-                            f"{path}: tensor {key!r} holds a pickled object; bundles hold "
-                            f"numeric arrays only and are loaded with allow_pickle=False"
-                        ) from None
-                    raise ExportError(f"{path}: tensor {key!r} is unreadable ({exc})") from None
+                    raise _unreadable(f"{path}: tensor {key!r}", exc, "is unreadable") from None
     except ExportError:
         raise
     except ValueError as exc:  # np.load on a pickle file without allow_pickle
-        if "pickle" in str(exc).lower():
-            raise ExportError(
-                f"{path}: holds a pickled object, not an .npz of arrays; refused "
-                f"(bundles are loaded with allow_pickle=False)"
-            ) from None
-        raise ExportError(f"{path}: not a valid .npz ({exc})") from None
+        raise _unreadable(f"{path}:", exc, "is not a valid .npz") from None
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
         raise ExportError(f"{path}: not a valid .npz, truncated or damaged ({exc})") from None
     return out
