@@ -45,6 +45,7 @@ __all__ = [
     "load_classifiers",
     "load_trained_models",
     "sample_run",
+    "sampled_models",
     "evaluate_run",
     "get_experiment",
     "list_experiments",
@@ -451,6 +452,26 @@ def sample_run(run_dir: str | Path, request: SampleRequest, device: str = "auto"
         )
     with hold_run_writing(run.path, request.out):
         return experiment.sample(config, run, device=resolve_device(device), request=request)
+
+
+def sampled_models(
+    models: dict[str, TrainedModel], request: SampleRequest, run_dir: RunDir, classes: int = 10
+) -> dict[str, TrainedModel]:
+    """What ``classicnets sample`` draws from: the model of ``request.variant``, else every one
+    of ``models``. Errors name what the run has: no checkpoint yet, no such variant, or a
+    ``request.label`` that is not a class below ``classes``."""
+    if not models:
+        raise RunError(
+            f"{run_dir.checkpoints}: no checkpoint to sample from (has the run started?)"
+        )
+    if request.label is not None and not 0 <= request.label < classes:
+        raise ExperimentError(f"--label must be a class 0-{classes - 1}, got {request.label}")
+    if request.variant is None:
+        return models
+    if request.variant not in models:
+        trained = ", ".join(models)
+        raise ExperimentError(f"--variant {request.variant!r}: this run has {trained} trained")
+    return {request.variant: models[request.variant]}
 
 
 def load_checkpointed(

@@ -27,12 +27,12 @@ import torch
 
 from classicnets.experiments.common import (
     Experiment,
-    ExperimentError,
     Job,
     SampleRequest,
     TrainingOptions,
     image_data_of,
     load_checkpointed,
+    sampled_models,
     summarize,
     train_settings,
     train_variants,
@@ -43,7 +43,7 @@ from classicnets.train.autoencoder import (
     evaluate_reconstruction,
     train_autoencoder,
 )
-from classicnets.train.run import RunDir, RunError
+from classicnets.train.run import RunDir
 
 __all__ = ["EXPERIMENT", "ConvAEConfig", "build_model", "reconstruction_grid", "run"]
 
@@ -255,20 +255,10 @@ def sample(
     from classicnets.data import load_mnist
 
     request = request or SampleRequest()
-    models = load_models(config, run_dir, device)
-    if not models:
-        raise RunError(f"{run_dir.checkpoints}: no checkpoint to load (has the run started?)")
-    if request.variant is not None:
-        if request.variant not in models:
-            raise ExperimentError(
-                f"--variant {request.variant!r}: this run has {', '.join(models)}"
-            )
-        models = {request.variant: models[request.variant]}
+    models = sampled_models(load_models(config, run_dir, device), request, run_dir)
     images, labels = load_mnist("test", config.dataset, config.data_dir, config.download)
     candidates = torch.arange(len(labels))
     if request.label is not None:
-        if not 0 <= request.label <= 9:
-            raise ExperimentError(f"--label must be a class 0..9, got {request.label}")
         candidates = candidates[torch.from_numpy(labels) == request.label]
     generator = torch.Generator().manual_seed(request.seed)
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[: request.n]]

@@ -35,12 +35,13 @@ from classicnets.experiments.common import (
     TrainingOptions,
     image_data_of,
     load_checkpointed,
+    sampled_models,
     settings_for,
     train_variants,
 )
 from classicnets.experiments.config import NON_NEGATIVE, Range
 from classicnets.models.gan import GAN
-from classicnets.train.run import RunDir, RunError
+from classicnets.train.run import RunDir
 
 __all__ = ["EXPERIMENT", "GANConfig", "build_model", "draw_samples", "run", "sample"]
 
@@ -487,18 +488,9 @@ def sample(config: GANConfig, run_dir: RunDir, device: str, request: SampleReque
 
     if request.prompt is not None or request.temperature != 1.0:
         raise ExperimentError("--prompt and --temperature are for language models")
-    models = load_models(config, run_dir, device)
-    if not models:
-        raise RunError(f"{run_dir.checkpoints}: no checkpoint to sample from")
-    if request.variant is not None and request.variant not in models:
-        raise ExperimentError(
-            f"no trained variant {request.variant!r} in {run_dir.path}; trained: "
-            f"{', '.join(models)}"
-        )
-    chosen = [request.variant] if request.variant is not None else list(models)
+    models = sampled_models(load_models(config, run_dir, device), request, run_dir)
+    chosen = list(models)
     if request.label is not None:
-        if not 0 <= request.label < NUM_CLASSES:
-            raise ExperimentError(f"--label must be a digit 0-9, got {request.label}")
         unconditional = [v for v in chosen if not models[v].info["conditional"]]
         if request.variant is not None and unconditional:
             raise ExperimentError(f"variant {request.variant!r} is unconditional: no --label")

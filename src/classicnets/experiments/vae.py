@@ -22,6 +22,7 @@ of cell/column ``i`` is ``latent_draw(seed, i, latent_size)``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from classicnets.experiments.common import (
     TrainingOptions,
     image_data_of,
     load_checkpointed,
+    sampled_models,
     train_settings,
     train_variants,
 )
@@ -464,24 +466,12 @@ def sample(config: VAEConfig, run_dir: RunDir, device: str, request: SampleReque
     rule are saved in a JSON file beside the PNG.
     """
     variant = request.variant
-    conditional = [v for v in config.variants if is_conditional(v)]
-    if variant is None:
-        variant = (conditional or list(config.variants))[0]
-    if variant not in config.variants:
-        raise ExperimentError(
-            f"unknown variant {variant!r}; this run has {', '.join(config.variants)}"
-        )
-    if request.label is not None:
-        if not is_conditional(variant):
-            raise ExperimentError(
-                f"variant {variant!r} is unconditional: --label needs a cvae variant"
-            )
-        if request.label not in DIGITS:
-            raise ExperimentError(f"--label must be a digit 0-9, got {request.label}")
-    models = load_models(config, run_dir, device)
-    if variant not in models:
-        raise ExperimentError(f"{run_dir.checkpoints}: no checkpoint of {variant!r} yet")
-    trained = models[variant]
+    if variant is None:  # the first conditional variant, else the first
+        variant = next((v for v in config.variants if is_conditional(v)), config.variants[0])
+    if request.label is not None and not is_conditional(variant):
+        raise ExperimentError(f"variant {variant!r} is unconditional: --label needs a cvae variant")
+    request = dataclasses.replace(request, variant=variant)
+    trained = sampled_models(load_models(config, run_dir, device), request, run_dir)[variant]
     model = trained.model
     if model.conditional:
         labels = DIGITS if request.label is None else [request.label]
