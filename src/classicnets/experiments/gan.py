@@ -41,6 +41,7 @@ from classicnets.experiments.common import (
 )
 from classicnets.experiments.config import NON_NEGATIVE, Range
 from classicnets.models.gan import GAN
+from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.run import RunDir
 
 __all__ = ["EXPERIMENT", "GANConfig", "build_model", "draw_samples", "run", "sample"]
@@ -333,64 +334,26 @@ def _summary(config, results, scoring, device) -> dict[str, Any]:
     return summary
 
 
+PLOTS = (
+    Curve("training.png", "train", "d_loss", "loss", "losses (nats)", label="D loss",
+          also=(("g_loss", "G loss"),)),
+    Curve("training.png", "train", "d_real", "mean probability of 'real'",
+          "discriminator outputs", ylim=(0.0, 1.0), label="D(x)", also=(("d_fake", "D(G(z))"),)),
+    Curve("training.png", "train", "diversity_ratio", "ratio", "sample diversity / real diversity"),
+    Curve("scores.png", "eval", "test_frechet_distance", "FD (log scale)",
+          "Frechet distance to test images", logy=True),
+    Curve("scores.png", "eval", "label_accuracy", "accuracy", "label accuracy of samples",
+          ylim=(0, 1)),
+)  # fmt: skip
+
+
 def write_plots(run_dir: RunDir, config: GANConfig) -> list[Path]:
     """Losses, D(x) and D(G(z)), diversity, eval scores against steps; grids over training."""
-    from classicnets.report import Panel, multi_panel_plot
-
     if not run_dir.writer:
         return []
-
-    def named(split, key, label):
-        curves = run_dir.curves(split, key)
-        return {f"{v} {label}".strip(): xy for v, xy in curves.items()}
-
-    written = []
-    losses = named("train", "d_loss", "D loss")
-    if not losses:
-        return []
-    panels = [
-        Panel(
-            "losses (nats)",
-            "training step",
-            "loss",
-            {**losses, **named("train", "g_loss", "G loss")},
-        ),
-        Panel(
-            "discriminator outputs",
-            "training step",
-            "mean probability of 'real'",
-            {**named("train", "d_real", "D(x)"), **named("train", "d_fake", "D(G(z))")},
-            ylim=(0.0, 1.0),
-        ),
-        Panel(
-            "sample diversity / real diversity",
-            "training step",
-            "ratio",
-            named("train", "diversity_ratio", ""),
-        ),
-    ]
-    written.append(multi_panel_plot(run_dir.plots / "training.png", panels))
-    scores = [
-        Panel(
-            "Frechet distance to test images",
-            "training step",
-            "FD (log scale)",
-            named("eval", "test_frechet_distance", ""),
-            logy=True,
-        ),
-    ]
-    accuracy = named("eval", "label_accuracy", "")
-    if accuracy:
-        scores.append(
-            Panel("label accuracy of samples", "training step", "accuracy", accuracy, ylim=(0, 1))
-        )
-    if scores[0].series:
-        written.append(multi_panel_plot(run_dir.plots / "scores.png", scores))
-    for variant in config.variants:
-        path = progress_figure(run_dir, variant)
-        if path is not None:
-            written.append(path)
-    return written
+    written = plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
+    progress = (progress_figure(run_dir, variant) for variant in config.variants)
+    return written + [path for path in progress if path is not None]
 
 
 def progress_figure(run_dir: RunDir, variant: str, snapshots: int = 5) -> Path | None:

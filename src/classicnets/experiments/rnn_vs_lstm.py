@@ -35,6 +35,7 @@ from classicnets.experiments.common import (
 )
 from classicnets.experiments.config import Range
 from classicnets.models.rnnlm import CELLS, RNNLanguageModel, generate
+from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.run import RunDir
 
 __all__ = [
@@ -337,31 +338,16 @@ def _summary(config, run_dir, results, device, train_tokens) -> dict[str, Any]:
     }
 
 
+PLOTS = tuple(
+    Curve("perplexity.png", split, "perplexity", "perplexity", f"{name} perplexity", logy=True,
+          x="epoch")
+    for split, name in (("train_epoch", "training"), ("valid", "validation"), ("test", "test"))
+)  # fmt: skip
+
+
 def write_plots(run_dir: RunDir) -> list:
     """Training, validation and test perplexity per epoch, one line per model (log scale)."""
-    from classicnets.report import Panel, multi_panel_plot
-
-    curves = epoch_curves(run_dir)
-    panels = []
-    for split, title in (("train", "training"), ("valid", "validation"), ("test", "test")):
-        series = {}
-        for variant, c in curves.items():
-            points = [(e, v) for e, v in sorted(c.get(split, {}).items()) if math.isfinite(v)]
-            if points:
-                series[variant] = ([e for e, _ in points], [v for _, v in points])
-        if series:
-            panels.append(
-                Panel(
-                    title=f"{title} perplexity",
-                    xlabel="epoch",
-                    ylabel="perplexity",
-                    series=series,
-                    logy=True,
-                )
-            )
-    if not panels:
-        return []
-    return [multi_panel_plot(run_dir.plots / "perplexity.png", panels)]
+    return plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
 
 
 def _read_vocabulary(config: RNNvsLSTMConfig, run_dir: RunDir):
