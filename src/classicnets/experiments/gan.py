@@ -37,6 +37,7 @@ from classicnets.experiments.common import (
     load_checkpointed,
     sampled_models,
     settings_for,
+    summarize,
     train_variants,
 )
 from classicnets.experiments.config import NON_NEGATIVE, Range
@@ -250,9 +251,8 @@ def run(config: GANConfig, job: Job) -> dict:
             model, data.train_x, data.train_y, settings, run_dir, variant, resume, hook
         )
         if result["complete"]:
-            result["scores"] = scores = get_scoring().score(
-                model.generator, config.score_samples, config.score_seed
-            )
+            scores = get_scoring().score(model.generator, config.score_samples, config.score_seed)
+            result.update(scores)
             _final_grid(run_dir, variant, result.get("grid"))
             _confusion(run_dir, variant, scores)
         return result
@@ -286,50 +286,34 @@ def _final_grid(run_dir: RunDir, variant: str, grid: str | None) -> None:
 
 
 def _summary(config, results, scoring, device) -> dict[str, Any]:
-    complete = all(results.get(v, {}).get("complete") for v in config.variants)
-    variants: dict[str, Any] = {}
     notes = [
         f"{config.steps} steps of batch {config.batch_size} per variant, Adam "
         f"(lr D {config.lr_discriminator}, G {config.lr_generator}, betas ({config.beta1}, "
         f"{config.beta2})), non-saturating G loss, real label {config.real_label}, D dropout "
         f"{config.dropout}, latent {config.latent_size}, device {device}.",
     ]
-    warnings = []
-    for variant, r in results.items():
-        scores = r.get("scores", {})
-        variants[variant] = {
-            "label_accuracy": scores.get("label_accuracy"),
-            "test_frechet_distance": scores.get("test_frechet_distance"),
-            "d_real": r.get("d_real"),
-            "d_fake": r.get("d_fake"),
-            "d_loss": r.get("d_loss"),
-            "g_loss": r.get("g_loss"),
-            "diversity_ratio": r.get("diversity_ratio"),
-            "steps": r["step"],
-            "train_time_s": r.get("train_time_s"),
-            "warnings": len(r.get("warnings", [])),
-        }
-        if "label_accuracy_per_digit" in scores:
-            per_digit = scores["label_accuracy_per_digit"]
-            variants[variant]["digit_accuracy"] = [round(a, 4) for a in per_digit]
-        warnings += [f"WARNING: {w}" for w in r.get("warnings", [])]
-    summary: dict[str, Any] = {
-        "title": "gan: GAN and conditional GAN on MNIST, scored by an MNIST classifier",
-        "status": "complete" if complete else "stopped",
-        "variants": variants,
-    }
     if scoring is not None:
-        n = len(scoring.test_features)
-        summary.update(scoring.references)
-        summary["scorer"] = scoring.scorer.source
-        summary["scorer_test_accuracy"] = scoring.scorer.test_accuracy
+        refs = scoring.references
         notes.append(
-            f"Frechet distances in the scorer's feature space over {n} images each: samples to "
-            f"test images (test_frechet_distance), test to training images "
-            f"{scoring.references['frechet_test_to_train']:.3g}, uniform noise to training "
-            f"images {scoring.references['frechet_noise_to_train']:.3g}."
+            f"Frechet distances in the scorer's feature space over {len(scoring.test_features)} "
+            f"images each: samples to test images (test_frechet_distance), test to training "
+            f"images {refs['frechet_test_to_train']:.3g}, uniform noise to training images "
+            f"{refs['frechet_noise_to_train']:.3g}."
         )
-    summary["notes"] = warnings + notes
+    warnings = [f"WARNING: {w}" for r in results.values() for w in r.get("warnings", [])]
+    names = ("label_accuracy", "test_frechet_distance", "d_real", "d_fake", "d_loss", "g_loss",
+             "diversity_ratio")  # fmt: skip
+    fields = {**{name: name for name in names}, "steps": "step", "train_time_s": "train_time_s"}
+    title = "gan: GAN and conditional GAN on MNIST, scored by an MNIST classifier"
+    summary = summarize(title, config.variants, results, fields, warnings + notes)
+    for variant, row in summary["variants"].items():
+        result = results[variant]
+        row["warnings"] = len(result.get("warnings", []))
+        if "label_accuracy_per_digit" in result:
+            row["digit_accuracy"] = [round(a, 4) for a in result["label_accuracy_per_digit"]]
+    if scoring is not None:
+        summary.update(scoring.references, scorer=scoring.scorer.source,
+                       scorer_test_accuracy=scoring.scorer.test_accuracy)  # fmt: skip
     summary["warnings"] = warnings
     return summary
 
