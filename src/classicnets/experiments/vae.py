@@ -41,6 +41,7 @@ from classicnets.experiments.common import (
     image_data_of,
     load_checkpointed,
     sampled_models,
+    summarize,
     train_settings,
     train_variants,
 )
@@ -185,7 +186,7 @@ def run(config: VAEConfig, job: Job) -> dict:
             results[variant].update(score_variant(config, model, variant, scorer, test_features))
             write_grids(config, run_dir, variant, model, data.test_x, data.test_y)
         scorer_info = {"source": scorer.source, "test_accuracy": scorer.test_accuracy}
-    summary = _summary(config, results, references, scorer_info, device, steps, complete)
+    summary = _summary(config, results, references, scorer_info, device, steps)
     write_plots(run_dir, results)
     return summary
 
@@ -315,23 +316,7 @@ def write_grids(config: VAEConfig, run_dir: RunDir, variant: str, model: VAE, te
 # --------------------------------------------------------------------------- summary, plots
 
 
-def _summary(config, results, references, scorer, device, steps, complete) -> dict[str, Any]:
-    variants = {}
-    for variant in config.variants:
-        if variant not in results:
-            continue
-        r = results[variant]
-        row = {
-            "neg_elbo_nats": r.get("test_neg_elbo"),
-            "test_loss": r.get("test_loss"),
-            "test_recon": r.get("test_recon"),
-            "test_kl": r.get("test_kl"),
-            "frechet_distance": r.get("frechet_distance"),
-        }
-        if is_conditional(variant):
-            row["label_accuracy"] = r.get("label_accuracy")
-        row.update(steps=r["step"], parameters=r["parameters"], train_time_s=r["train_time_s"])
-        variants[variant] = row
+def _summary(config, results, references, scorer, device, steps) -> dict[str, Any]:
     notes = [
         f"{config.epochs} epochs ({steps} steps of {config.batch_size}) per variant, "
         f"{config.optimizer.upper()} lr {config.lr}, {config.schedule} schedule, KL weight "
@@ -358,14 +343,15 @@ def _summary(config, results, references, scorer, device, steps, complete) -> di
             if per_digit is not None:
                 accs = ", ".join(f"{d}: {100 * a:.0f}%" for d, a in zip(DIGITS, per_digit))
                 notes.append(f"{variant} label accuracy per digit: {accs}.")
-    summary = {
-        "title": "vae: VAE and conditional VAE on MNIST, cross-entropy vs squared error",
-        "status": "complete" if complete else "stopped",
-        "variants": variants,
-        "notes": notes,
-    }
-    summary.update(references)
-    return summary
+    same = ("test_loss", "test_recon", "test_kl", "frechet_distance", "label_accuracy")
+    fields = {"neg_elbo_nats": "test_neg_elbo", **{k: k for k in same}, "steps": "step",
+              "parameters": "parameters", "train_time_s": "train_time_s"}  # fmt: skip
+    title = "vae: VAE and conditional VAE on MNIST, cross-entropy vs squared error"
+    summary = summarize(title, config.variants, results, fields, notes)
+    for variant, row in summary["variants"].items():
+        if not is_conditional(variant):
+            del row["label_accuracy"]
+    return {**summary, **references}
 
 
 PLOTS = (
