@@ -216,3 +216,13 @@ def test_gan_settings_map_explicitly_too():
     )
     with pytest.raises(TypeError, match="GANConfig has no field monitor_per_class"):
         settings_for(GANSettings, config)  # the one field the config lacks must be given
+
+
+def test_check_choice_names_the_option_and_its_choices():
+    from classicnets.choices import check_choice
+
+    assert check_choice("norm", "none", {"batchnorm": 1, "none": 2}) == "none"
+    with pytest.raises(
+        ValueError, match=r"^unknown split 'dev'; choose one of train, valid, test$"
+    ):
+        check_choice("split", "dev", ("train", "valid", "test"))

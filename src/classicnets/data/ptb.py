@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from classicnets.choices import check_choice
 from classicnets.data.sources import DataError, fetch
 
 __all__ = [
@@ -138,9 +139,7 @@ class Corpus:
 
     def split(self, name: str) -> Tensor:
         """The ids of split ``name`` ("train", "valid" or "test")."""
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
-        return getattr(self, name)
+        return getattr(self, check_choice("split", name, SPLITS))
 
 
 def read_lines(path: str | os.PathLike[str]) -> Iterator[list[str]]:

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from classicnets.choices import check_choice
 from classicnets.models.registry import register_presets
 from classicnets.models.resnet import NormLayer, resolve_norm
 from classicnets.nn import BatchNorm, ConvTranspose2dExact, Upsample
@@ -82,10 +83,7 @@ class ConvAutoencoder(nn.Module):
         in_channels: int = 1,
     ) -> None:
         super().__init__()
-        if upsampling not in UPSAMPLING:
-            raise ValueError(
-                f"unknown upsampling {upsampling!r}; choose one of {', '.join(UPSAMPLING)}"
-            )
+        check_choice("upsampling", upsampling, UPSAMPLING)
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd (size-preserving convs), got {kernel_size}")
         if not channels:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from classicnets.choices import check_choice
 from classicnets.models.registry import register_presets
 from classicnets.nn import BatchNorm
 
@@ -38,9 +39,7 @@ NORMS: dict[str, Callable[[int], nn.Module] | None] = {
 
 def make_activation(name: str) -> nn.Module:
     """An activation module by name (``sigmoid``, ``relu``, ``tanh``, ``gelu``, ``identity``)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[check_choice("activation", name, ACTIVATIONS)]()
 
 
 class MLPBlock(nn.Sequential):
@@ -83,9 +82,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(norm, str):
-            if norm not in NORMS:
-                raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-            norm = NORMS[norm]
+            norm = NORMS[check_choice("norm", norm, NORMS)]
         make_activation(activation)  # validate early
         self.in_features = in_features
         widths = [in_features, *hidden_sizes]

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from classicnets.choices import check_choice
 from classicnets.models.registry import register_presets
 from classicnets.nn import BatchNorm
 
@@ -56,9 +57,7 @@ NORMS: dict[str, NormLayer | None] = {
 def resolve_norm(norm_layer: str | NormLayer | None) -> NormLayer | None:
     """A norm given as ``None``, a callable or a name in ``NORMS`` -> a callable or ``None``."""
     if isinstance(norm_layer, str):
-        if norm_layer not in NORMS:
-            raise ValueError(f"unknown norm_layer {norm_layer!r}; choose one of {', '.join(NORMS)}")
-        return NORMS[norm_layer]
+        return NORMS[check_choice("norm_layer", norm_layer, NORMS)]
     if norm_layer is not None and not callable(norm_layer):
         raise TypeError(f"norm_layer must be None, a name or a callable, got {norm_layer!r}")
     return norm_layer
@@ -232,9 +231,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(block, str):
-            if block not in BLOCKS:
-                raise ValueError(f"unknown block {block!r}; choose one of {', '.join(BLOCKS)}")
-            block = BLOCKS[block]
+            block = BLOCKS[check_choice("block", block, BLOCKS)]
         layers, widths = tuple(layers), tuple(widths)
         if not layers or len(layers) != len(widths):
             raise ValueError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from classicnets.choices import check_choice
 from classicnets.models.registry import register_presets
 
 __all__ = ["CELLS", "Hidden", "RNNLanguageModel", "detach_hidden", "generate"]
@@ -75,8 +76,7 @@ class RNNLanguageModel(nn.Module):
         embedding_size: int | None = None,
     ) -> None:
         super().__init__()
-        if cell not in CELLS:
-            raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}")
+        check_choice("cell", cell, CELLS)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if num_layers < 1 or hidden_size < 1 or vocab_size < 1:

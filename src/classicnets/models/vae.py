@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from classicnets.choices import check_choice
 from classicnets.models.mlp import make_activation
 from classicnets.models.registry import register_presets
 
@@ -95,12 +96,10 @@ def reconstruction_loss(logits: Tensor, target: Tensor, kind: str = "bce") -> Te
         ``[N]``.
     """
     logits, target = logits.flatten(1), target.reshape(target.shape[0], -1)  # (N, D) each
-    if kind == "bce":
+    if check_choice("reconstruction", kind, RECONSTRUCTIONS) == "bce":
         per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    elif kind == "mse":
+    else:  # "mse"
         per_pixel = (torch.sigmoid(logits) - target).square()
-    else:
-        raise ValueError(f"unknown reconstruction {kind!r}; choose one of {RECONSTRUCTIONS}")
     return per_pixel.sum(dim=1)
 
 

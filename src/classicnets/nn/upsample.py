@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from classicnets.choices import check_choice
 from classicnets.nn.conv_shapes import as_pair
 
 __all__ = ["UPSAMPLE_MODES", "Upsample"]
@@ -85,8 +86,7 @@ class Upsample(nn.Module):
         size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        if mode not in UPSAMPLE_MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(UPSAMPLE_MODES)}")
+        check_choice("mode", mode, UPSAMPLE_MODES)
         if (scale_factor is None) == (size is None):
             raise ValueError("Upsample: give exactly one of scale_factor and size")
         self.mode = mode

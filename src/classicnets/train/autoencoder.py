@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from classicnets.choices import check_choice
 from classicnets.data.batching import iterate_in_order
 from classicnets.models.vae import RECONSTRUCTIONS, reconstruction_loss
 from classicnets.train.fit import fit
@@ -74,10 +75,7 @@ class AutoencoderTask(SettingsTask):
     """One reconstruction step on a shuffled batch; the interval's mean loss."""
 
     def __init__(self, model: nn.Module, data: Any, settings: TrainSettings, loss: str) -> None:
-        if loss not in RECONSTRUCTION_LOSSES:
-            raise ValueError(
-                f"unknown loss {loss!r}; choose one of {', '.join(RECONSTRUCTION_LOSSES)}"
-            )
+        check_choice("loss", loss, RECONSTRUCTION_LOSSES)
         device = data.train_x.device
         super().__init__(model, len(data.train_x), settings, device,
                          result_keys=("loss", "mse", "bce"))  # fmt: skip

@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from classicnets.choices import check_choice
+
 __all__ = [
     "ConstantSchedule",
     "CosineWithWarmup",
@@ -382,8 +384,7 @@ def make_schedule(name: str, **kwargs: Any) -> Schedule:
         ValueError: for an unknown name (the message lists the known ones).
         TypeError: for arguments the schedule does not take.
     """
-    if name not in _SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(_SCHEDULES)}")
+    check_choice("schedule", name, sorted(_SCHEDULES))
     try:
         return _SCHEDULES[name](**kwargs)
     except TypeError as err:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from classicnets.choices import check_choice
 from classicnets.data.batching import ShuffledBatches
 from classicnets.data.tensors import ClassificationData
 from classicnets.nn.batchnorm import convert_sync_batchnorm
@@ -135,11 +136,8 @@ def make_schedule_from_settings(settings: TrainSettings):
         },
         "plateau": {"factor": settings.lr_gamma, "patience": settings.plateau_patience},
     }
-    if settings.schedule not in kwargs:
-        raise ValueError(
-            f"unknown schedule {settings.schedule!r}; choose one of {', '.join(kwargs)}"
-        )
-    return make_schedule(settings.schedule, **kwargs[settings.schedule])
+    name = check_choice("schedule", settings.schedule, kwargs)
+    return make_schedule(name, **kwargs[name])
 
 
 class SettingsTask(Task):
