@@ -45,6 +45,7 @@ from classicnets.train.gan import (
 from classicnets.train.gan_monitor import GANMonitor, GANTrainingWarning, discriminator_wins
 from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.run import RunDir
+from tolerances import network
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -419,3 +420,21 @@ def test_eval_command_prints_the_scores(quick_run, capsys):
     cgan = summary["variants"]["cgan"]
     assert f"cgan: step 200, test_frechet_distance {cgan['test_frechet_distance']:.4g}" in printed
     assert f"label_accuracy {cgan['label_accuracy']:.4g}" in printed
+
+
+def test_generator_sample_is_its_forward_on_seeded_noise_with_cycled_labels():
+    torch.manual_seed(0)
+    generator = GAN(num_classes=10, dropout=0.5).generator.train()
+    state = torch.get_rng_state()
+    images, labels = generator.sample(25, seed=7, batch_size=10)  # three batches
+    assert torch.equal(torch.get_rng_state(), state) and generator.training
+    z = torch.randn(25, generator.latent_size, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(labels, torch.arange(25) % 10)
+    with torch.no_grad():
+        want = generator.eval()(z, labels)
+    # Batches of 10 against one batch of 25: the same float32 products, summed in possibly
+    # another order by the matrix kernels (3 layers, fan-in at most 300); the outputs are
+    # sigmoids in [0, 1], so the bound relative to the output scale serves as an absolute one.
+    torch.testing.assert_close(images, want, rtol=0, atol=network(3, 300))
+    unconditional = GAN().generator
+    assert unconditional.sample(3, seed=1)[1] is None

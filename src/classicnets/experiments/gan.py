@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 from classicnets.experiments.common import (
     Experiment,
     ExperimentError,
@@ -45,7 +43,7 @@ from classicnets.models.gan import GAN
 from classicnets.report.curves import Curve, plot_curves
 from classicnets.train.run import RunDir
 
-__all__ = ["EXPERIMENT", "GANConfig", "build_model", "draw_samples", "run", "sample"]
+__all__ = ["EXPERIMENT", "GANConfig", "build_model", "run", "sample"]
 
 VARIANTS = ("gan", "cgan")
 NUM_CLASSES = 10
@@ -162,31 +160,6 @@ def _settings(config: GANConfig):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def draw_samples(
-    generator: torch.nn.Module,
-    n: int,
-    seed: int,
-    device: str,
-    conditional: bool,
-    batch_size: int = 1000,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``n`` samples ``(n, 1, 28, 28)`` from noise of ``seed`` (its own generator: torch's global
-    random stream is untouched), and for a conditional generator their labels ``0, 1, ..., 9,
-    0, ...`` (each digit a tenth of them)."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    z = torch.randn(n, generator.latent_size, generator=g).to(device)  # (n, latent)
-    labels = torch.arange(n, device=device) % NUM_CLASSES if conditional else None
-    was_training = generator.training
-    generator.eval()
-    parts = []
-    for start in range(0, n, batch_size):
-        y = labels[start : start + batch_size] if labels is not None else None
-        parts.append(generator(z[start : start + batch_size], y))
-    generator.train(was_training)
-    return torch.cat(parts), labels
-
-
 class _Scoring:
     """The scorer and the real-image features every score of a run compares against."""
 
@@ -208,7 +181,7 @@ class _Scoring:
         and per digit) and the confusion matrix for a conditional generator."""
         from classicnets.metrics.generative import sample_scores
 
-        images, labels = draw_samples(generator, n, seed, self.device, generator.num_classes > 0)
+        images, labels = generator.sample(n, seed)
         scores = sample_scores(self.scorer, images, self.test_features[:n], labels, NUM_CLASSES)
         return {"test_frechet_distance": scores.pop("frechet_distance"), **scores}
 

@@ -112,6 +112,22 @@ class Generator(nn.Module):
         pixels = torch.sigmoid(self.output(h))  # (N, C*H*W)
         return pixels.reshape(z.shape[0], *self.image_shape)  # (N, C, H, W)
 
+    @torch.no_grad()
+    def sample(self, n: int, seed: int, batch_size: int = 1000) -> tuple[Tensor, Tensor | None]:
+        """``n`` images ``(n, *image_shape)`` from ``z ~ N(0, I)`` drawn with ``seed`` (its own
+        CPU generator: torch's global random stream is untouched), in eval mode (the mode is
+        restored), and for a conditional generator their labels ``0, 1, ..., K-1, 0, ...``."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.latent_size, generator=torch.Generator("cpu").manual_seed(seed))
+        z = z.to(device)  # (n, latent)
+        labels = torch.arange(n, device=device) % self.num_classes if self.conditional else None
+        was_training = self.training
+        self.eval()
+        parts = [self(z[i : i + batch_size], None if labels is None else labels[i : i + batch_size])
+                 for i in range(0, n, batch_size)]  # fmt: skip
+        self.train(was_training)
+        return torch.cat(parts), labels
+
 
 class Discriminator(nn.Module):
     """``D(x[, y])``: the logit that ``x`` is a real image (of class ``y``).
