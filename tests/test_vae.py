@@ -253,3 +253,14 @@ def test_run_killed_before_its_first_checkpoint_resumes_from_scratch(
     config_path.write_text(json.dumps(record))
     assert resume_experiment(out, device="cpu")["status"] == "complete"
     assert RunDir(out).read_metrics() == RunDir(full_dir).read_metrics()
+
+
+def test_sample_prior_decodes_its_own_seeded_draws():
+    torch.manual_seed(0)
+    cvae = VAE(num_classes=10).eval()
+    state = torch.get_rng_state()
+    y = torch.tensor([3, 1, 4])
+    images = cvae.sample_prior(3, seed=9, y=y)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+    z = torch.randn(3, cvae.latent_size, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(images, cvae.generate(z, y))  # the same operations on the same values

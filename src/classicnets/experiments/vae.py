@@ -191,14 +191,6 @@ def run(config: VAEConfig, job: Job) -> dict:
     return summary
 
 
-@torch.no_grad()
-def _prior_samples(model: VAE, labels: Tensor | None, n: int, seed: int) -> Tensor:
-    """``n`` mean images decoded from z ~ N(0, I) drawn with ``seed`` (labels: ``[n]`` or None)."""
-    device = next(model.parameters()).device
-    z = torch.randn(n, model.latent_size, generator=torch.Generator().manual_seed(seed))
-    return model.generate(z.to(device), None if labels is None else labels.to(device))
-
-
 def score_variant(config: VAEConfig, model: VAE, variant: str, scorer, test_features) -> dict:
     """``metrics.generative.sample_scores`` of ``score_samples_per_digit`` prior samples of each
     digit (for a VAE, as many unconditioned ones), against the test images' features."""
@@ -207,7 +199,7 @@ def score_variant(config: VAEConfig, model: VAE, variant: str, scorer, test_feat
     n = config.score_samples_per_digit * len(DIGITS)
     labels = torch.arange(len(DIGITS)).repeat_interleave(config.score_samples_per_digit)
     labels = labels if model.conditional else None
-    samples = _prior_samples(model, labels, n, config.sample_seed + 1)
+    samples = model.sample_prior(n, config.sample_seed + 1, labels)
     return sample_scores(scorer, samples, test_features, labels, len(DIGITS))
 
 

@@ -231,6 +231,13 @@ class VAE(nn.Module):
         """Mean images ``sigmoid(decode(z, y))`` as ``[N, 1, 28, 28]`` (for 784-pixel models)."""
         return torch.sigmoid(self.decode(z, y)).reshape(z.shape[0], 1, 28, 28)
 
+    def sample_prior(self, n: int, seed: int, y: Tensor | None = None) -> Tensor:
+        """``generate`` of ``n`` draws ``z ~ N(0, I)`` made with ``seed`` (their own CPU
+        generator), for labels ``y`` ``[n]`` (conditional models) or None."""
+        z = torch.randn(n, self.latent_size, generator=torch.Generator().manual_seed(seed))
+        device = self.to_logits.weight.device
+        return self.generate(z.to(device), None if y is None else y.to(device))
+
 
 register_presets(
     VAE,
