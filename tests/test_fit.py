@@ -221,3 +221,20 @@ def test_report_captions_name_a_grids_rows_and_title(tmp_path):
     assert _caption(other) == "plot.png"
     (tmp_path / "plot.json").write_text(json.dumps({"rows": [{"x": 1}], "title": 3}))
     assert _caption(other) == "plot.png"  # not a grid's record
+
+
+def test_reconstruction_grid_wraps_blocks_of_rows_and_leaves_the_rest_black(tmp_path):
+    from classicnets.report.grid import reconstruction_grid
+
+    originals = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    png = reconstruction_grid(tmp_path / "r.png", originals, {"a": 1 - originals}, columns=3)
+    record = read_grid(png.with_suffix(".json"))
+    assert record["rows"] == ["original", "a", "original", "a"] and record["title"] == ""
+
+    def cell(image):  # one image as the PNG holds it: uint8, each pixel a 2x2 block
+        return grid_image(image[None, None], scale=2, padding=0).numpy()
+
+    assert np.array_equal(read_grid_cell(png, 0, 2), cell(originals[2]))
+    assert np.array_equal(read_grid_cell(png, 2, 1), cell(originals[4]))  # the second block
+    assert np.array_equal(read_grid_cell(png, 3, 1), cell(1 - originals[4]))
+    assert not read_grid_cell(png, 3, 2).any()  # past the last image

@@ -39,13 +39,14 @@ from classicnets.experiments.common import (
 )
 from classicnets.models.autoencoder import UPSAMPLING, ConvAutoencoder
 from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.grid import reconstruction_grid
 from classicnets.train.autoencoder import (
     evaluate_reconstruction,
     train_autoencoder,
 )
 from classicnets.train.run import RunDir
 
-__all__ = ["EXPERIMENT", "ConvAEConfig", "build_model", "reconstruction_grid", "run"]
+__all__ = ["EXPERIMENT", "ConvAEConfig", "build_model", "run"]
 
 VARIANTS = UPSAMPLING  # transpose, nearest, bilinear, unpool
 NAMES = {
@@ -130,10 +131,11 @@ def run(config: ConvAEConfig, job: Job) -> dict:
     if not run_dir.writer:  # rank > 0 of a torchrun job
         return summary
     write_plots(run_dir)
+    x = data.test_x[: config.grid_images]
     reconstruction_grid(
         run_dir.plots / "reconstructions.png",
-        data.test_x[: config.grid_images],
-        {v: _reconstruct(m, data.test_x[: config.grid_images]) for v, m in models.items()},
+        x,
+        {NAMES.get(v, v): _reconstruct(m, x) for v, m in models.items()},
         title=f"test images (top) and their reconstructions ({config.dataset})",
     )
     return summary
@@ -165,41 +167,6 @@ def _reconstruct(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     model.train(was_training)
     return out
-
-
-def reconstruction_grid(
-    path: str | Path,
-    originals: torch.Tensor,
-    reconstructions: dict[str, torch.Tensor],
-    title: str = "",
-    columns: int = 16,
-) -> Path:
-    """One grid (``report.grid.write_grid``): a row of originals and under it one row of
-    reconstructions per model; the row names and the title are in the JSON beside the PNG.
-
-    Args:
-        path: the PNG to write (atomically; its folder is created).
-        originals: ``[n, 1, H, W]`` intensities in [0, 1].
-        reconstructions: row label -> ``[n, 1, H, W]`` intensities.
-        title: what the grid shows.
-        columns: images per row; more images wrap into further blocks of rows (the cells past
-            the last image stay black).
-    """
-    from classicnets.report.grid import write_grid
-
-    n, _, h, w = originals.shape
-    columns = max(1, min(columns, n))
-    named = {"original": originals, **{NAMES.get(k, k): v for k, v in reconstructions.items()}}
-    rows: list[str] = []
-    blocks = []
-    for start in range(0, n, columns):
-        for name, images in named.items():
-            row = torch.zeros(columns, h, w)
-            chunk = images[start : start + columns, 0].float().cpu()
-            row[: len(chunk)] = chunk
-            rows.append(name)
-            blocks.append(row)
-    return write_grid(path, torch.stack(blocks), {"rows": rows, "title": title})[0]
 
 
 PLOTS = (
@@ -274,7 +241,7 @@ def sample(
     reconstruction_grid(
         out,
         x,
-        {v: _reconstruct(t.model, x) for v, t in models.items()},
+        {NAMES.get(v, v): _reconstruct(t.model, x) for v, t in models.items()},
         title=f"{len(x)} test images (seed {request.seed}) and reconstructions ({steps})",
     )
     return f"reconstruction grid of {len(x)} test images ({', '.join(models)}): {out}"

@@ -41,6 +41,7 @@ from classicnets.experiments.common import (
 from classicnets.experiments.config import NON_NEGATIVE, Range
 from classicnets.models.gan import GAN
 from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.grid import progress_figure
 from classicnets.train.run import RunDir
 
 __all__ = ["EXPERIMENT", "GANConfig", "build_model", "run", "sample"]
@@ -309,28 +310,11 @@ def write_plots(run_dir: RunDir, config: GANConfig) -> list[Path]:
     if not run_dir.writer:
         return []
     written = plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
-    progress = (progress_figure(run_dir, variant) for variant in config.variants)
+    grids = run_dir.plots / "grids"
+    progress = (progress_figure(grids, variant, run_dir.plots / f"{variant}_progress.png",
+                                f"{variant}: fixed-noise grid over training")
+                for variant in config.variants)  # fmt: skip
     return written + [path for path in progress if path is not None]
-
-
-def progress_figure(run_dir: RunDir, variant: str, snapshots: int = 5) -> Path | None:
-    """The saved grids of ``variant`` at up to ``snapshots`` steps spread over training."""
-    from matplotlib import image as mpimg
-    from matplotlib.figure import Figure
-
-    from classicnets.report import save_figure
-
-    grids = sorted((run_dir.plots / "grids").glob(f"{variant}_step*.png"))
-    if len(grids) < 2:
-        return None
-    picks = sorted({round(i * (len(grids) - 1) / (snapshots - 1)) for i in range(snapshots)})
-    fig = Figure(figsize=(3.2 * len(picks), 3.6), layout="constrained")
-    for ax, i in zip(fig.subplots(1, len(picks), squeeze=False)[0], picks):
-        ax.imshow(mpimg.imread(grids[i]))
-        ax.set_title(f"step {int(grids[i].stem.rpartition('step')[2])}")
-        ax.axis("off")
-    fig.suptitle(f"{variant}: fixed-noise grid over training")
-    return save_figure(fig, run_dir.plots / f"{variant}_progress.png")
 
 
 # --------------------------------------------------------------------------------------------

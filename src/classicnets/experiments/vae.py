@@ -50,6 +50,7 @@ from classicnets.metrics.generative import reference_distances
 from classicnets.models.mlp import ACTIVATIONS
 from classicnets.models.vae import VAE
 from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.grid import reconstruction_grid
 from classicnets.train.run import RunDir
 from classicnets.train.vae import evaluate_vae, train_vae
 
@@ -284,15 +285,14 @@ def write_grids(config: VAEConfig, run_dir: RunDir, variant: str, model: VAE, te
     x, y = test_x[: 2 * cols], test_y[: 2 * cols]
     model.eval()
     with torch.no_grad():
-        recon = torch.sigmoid(model(x, y if model.conditional else None).logits).cpu()
-    originals = x.cpu().reshape(2, cols, 28, 28)
-    recon = recon.reshape(2, cols, 28, 28)
-    pairs = torch.stack([originals[0], recon[0], originals[1], recon[1]])  # (4, C, 28, 28)
-    save_image_grid(
+        recon = torch.sigmoid(model(x, y if model.conditional else None).logits)
+    reconstruction_grid(
         run_dir.plots / f"reconstructions_{variant}.png",
-        pairs,
-        row_labels=["input", "recon", "input", "recon"],
+        x,
+        {"recon": recon.reshape(x.shape)},
         title=f"{variant}: test images and reconstructions",
+        columns=cols,
+        original="input",
     )
     images, record = sample_grid(model, config.sample_seed, cols, rows=len(DIGITS))
     save_image_grid(

@@ -3,7 +3,8 @@
 - ``write_grid`` tiles ``(rows, columns, H, W)`` images into a PNG (each cell enlarged by
   nearest neighbour, grey padding) and writes beside it a JSON record of the layout and of what
   the cells are; ``read_grid_cell`` cuts one cell out of a saved PNG again. The autoencoder's
-  reconstructions, the VAE's reconstructions and samples, and the GAN's grids are all written so.
+  and the VAE's reconstructions (``reconstruction_grid``), the VAE's samples and the GAN's grids
+  are all written so.
 - **Fixed-noise grids** of a generator (``GridSpec``, ``generate_grid``, ``save_grid``,
   ``regenerate_cell``): one row per digit for a conditional GAN. Every cell's noise comes from
   its own seed, and the ``cell -> (noise seed, label)`` mapping is saved in the JSON beside each
@@ -31,8 +32,10 @@ __all__ = [
     "generate_cell",
     "generate_grid",
     "grid_image",
+    "progress_figure",
     "read_grid",
     "read_grid_cell",
+    "reconstruction_grid",
     "regenerate_cell",
     "save_grid",
     "write_grid",
@@ -216,6 +219,64 @@ def write_grid(
     meta = atomic_write_text(path.with_suffix(".json"), json.dumps({**(record or {}), **layout},
                              indent=1))  # fmt: skip
     return png, meta
+
+
+def reconstruction_grid(
+    path: str | Path,
+    originals: Tensor,
+    reconstructions: dict[str, Tensor],
+    title: str = "",
+    columns: int = 16,
+    original: str = "original",
+) -> Path:
+    """One grid (``write_grid``): a row of ``originals`` (its row label ``original``) and under
+    it a row per entry of ``reconstructions``; the row labels and the title are in the JSON.
+
+    Args:
+        path: the PNG to write (atomically; its folder is created).
+        originals: ``[n, 1, H, W]`` intensities in [0, 1].
+        reconstructions: row label -> ``[n, 1, H, W]`` intensities.
+        title: what the grid shows.
+        columns: images per row; more images wrap into further blocks of rows (the cells past
+            the last image stay black).
+    """
+    n, _, h, w = originals.shape
+    columns = max(1, min(columns, n))
+    named = {original: originals, **reconstructions}
+    rows: list[str] = []
+    blocks = []
+    for start in range(0, n, columns):
+        for name, images in named.items():
+            row = torch.zeros(columns, h, w)
+            chunk = images[start : start + columns, 0].float().cpu()
+            row[: len(chunk)] = chunk
+            rows.append(name)
+            blocks.append(row)
+    return write_grid(path, torch.stack(blocks), {"rows": rows, "title": title})[0]
+
+
+def progress_figure(
+    folder: str | Path, prefix: str, out: str | Path, title: str, snapshots: int = 5
+) -> Path | None:
+    """The grids ``folder/{prefix}_stepNNNNNNNN.png`` of up to ``snapshots`` steps spread over
+    training, side by side in one figure at ``out`` (None, and nothing written, with fewer
+    than two grids)."""
+    from matplotlib import image as mpimg
+    from matplotlib.figure import Figure
+
+    from classicnets.report.plots import save_figure
+
+    grids = sorted(Path(folder).glob(f"{prefix}_step*.png"))
+    if len(grids) < 2:
+        return None
+    picks = sorted({round(i * (len(grids) - 1) / (snapshots - 1)) for i in range(snapshots)})
+    fig = Figure(figsize=(3.2 * len(picks), 3.6), layout="constrained")
+    for ax, i in zip(fig.subplots(1, len(picks), squeeze=False)[0], picks):
+        ax.imshow(mpimg.imread(grids[i]))
+        ax.set_title(f"step {int(grids[i].stem.rpartition('step')[2])}")
+        ax.axis("off")
+    fig.suptitle(title)
+    return save_figure(fig, out)
 
 
 def save_grid(
