@@ -157,3 +157,11 @@ def test_reference_distances_bracket_over_as_many_images(scorer_and_data):
         "frechet_noise_to_train": frechet_distance(scorer.features(noise), train),
     }
     assert refs["frechet_test_to_train"] < refs["frechet_noise_to_train"]
+
+
+def test_plot_label_confusion_writes_the_matrix_of_the_scores(tmp_path):
+    from classicnets.metrics.generative import plot_label_confusion
+
+    scores = {"label_confusion_matrix": np.diag([5] * 10), "label_accuracy": 1.0}
+    path = plot_label_confusion(tmp_path / "c.png", scores, "cgan")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

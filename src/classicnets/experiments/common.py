@@ -36,6 +36,7 @@ __all__ = [
     "Experiment",
     "ExperimentError",
     "Job",
+    "MNIST_INPUT",
     "RunOptions",
     "SampleRequest",
     "TrainedModel",
@@ -209,6 +210,14 @@ def summarize(title: str, variants, results: dict, fields, notes: list[str]) -> 
         "variants": {v: {k: r.get(key) for k, key in fields.items()} for v, r in results.items()},
         "notes": notes,
     }
+
+
+# What a model of MNIST images takes, in a ``TrainedModel``'s info (exporters, ``predict``).
+MNIST_INPUT = {
+    "input_shape": [1, 28, 28],
+    "input_dtype": "float32",
+    "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+}
 
 
 @dataclass
@@ -519,9 +528,7 @@ def load_classifiers(experiment_build, config, run_dir: RunDir, variants, device
     def info(variant: str, model) -> dict[str, Any]:
         return {
             "kind": "classifier",
-            "input_shape": [1, 28, 28],
-            "input_dtype": "float32",
-            "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+            **MNIST_INPUT,
             "class_names": list(CLASS_NAMES[config.dataset]),
             "dataset": config.dataset,
         }

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from classicnets.experiments.common import (
+    MNIST_INPUT,
     Experiment,
     Job,
     SampleRequest,
@@ -188,10 +189,8 @@ def load_models(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> d
     def info(variant: str, model) -> dict[str, Any]:
         return {
             "kind": "autoencoder",
-            "input_shape": [1, 28, 28],
+            **MNIST_INPUT,
             "output_shape": [1, 28, 28],
-            "input_dtype": "float32",
-            "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
             "output": "reconstructed intensities in (0, 1) (sigmoid), shape [N, 1, 28, 28]",
             "upsampling": variant,
             "dataset": config.dataset,

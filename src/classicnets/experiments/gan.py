@@ -39,6 +39,7 @@ from classicnets.experiments.common import (
     train_variants,
 )
 from classicnets.experiments.config import NON_NEGATIVE, Range
+from classicnets.metrics.generative import plot_label_confusion
 from classicnets.models.gan import GAN
 from classicnets.report.curves import Curve, plot_curves
 from classicnets.report.grid import progress_figure
@@ -228,26 +229,14 @@ def run(config: GANConfig, job: Job) -> dict:
             scores = get_scoring().score(model.generator, config.score_samples, config.score_seed)
             result.update(scores)
             _final_grid(run_dir, variant, result.get("grid"))
-            _confusion(run_dir, variant, scores)
+            if "label_confusion_matrix" in scores and run_dir.writer:
+                plot_label_confusion(run_dir.plots / f"confusion_{variant}.png", scores, variant)
         return result
 
     results = train_variants(config.variants, config.seed, train)
     summary = _summary(config, results, scoring, device)
     write_plots(run_dir, config)
     return summary
-
-
-def _confusion(run_dir: RunDir, variant: str, scores: dict) -> None:
-    if "label_confusion_matrix" in scores and run_dir.writer:
-        from classicnets.metrics import plot_confusion_matrices
-
-        plot_confusion_matrices(
-            run_dir.plots / f"confusion_{variant}.png",
-            scores["label_confusion_matrix"],
-            [str(k) for k in range(NUM_CLASSES)],
-            title=f"{variant} samples: digit asked for (rows) x recognised (columns), "
-            f"{100 * scores['label_accuracy']:.1f}% as asked",
-        )
 
 
 def _final_grid(run_dir: RunDir, variant: str, grid: str | None) -> None:

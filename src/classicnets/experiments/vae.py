@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from classicnets.experiments.common import (
+    MNIST_INPUT,
     Experiment,
     ExperimentError,
     Job,
@@ -46,7 +47,7 @@ from classicnets.experiments.common import (
     train_variants,
 )
 from classicnets.experiments.scorer import scorer_of
-from classicnets.metrics.generative import reference_distances
+from classicnets.metrics.generative import plot_label_confusion, reference_distances
 from classicnets.models.mlp import ACTIVATIONS
 from classicnets.models.vae import VAE
 from classicnets.report.curves import Curve, plot_curves
@@ -360,17 +361,9 @@ def write_plots(run_dir: RunDir, results: dict) -> None:
     if not run_dir.writer:
         return
     plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
-    from classicnets.metrics import plot_confusion_matrices
-
     for variant, r in results.items():
         if "label_confusion_matrix" in r:
-            plot_confusion_matrices(
-                run_dir.plots / f"label_confusion_{variant}.png",
-                r["label_confusion_matrix"],
-                [str(d) for d in DIGITS],
-                title=f"{variant}: digit asked for (rows) vs recognised, "
-                f"{100 * r['label_accuracy']:.1f}%",
-            )
+            plot_label_confusion(run_dir.plots / f"label_confusion_{variant}.png", r, variant)
 
 
 # --------------------------------------------------------------------------- after training
@@ -382,9 +375,7 @@ def load_models(config: VAEConfig, run_dir: RunDir, device: str = "cpu") -> dict
     def info(variant: str, model) -> dict[str, Any]:
         out = {
             "kind": "autoencoder",
-            "input_shape": [1, 28, 28],
-            "input_dtype": "float32",
-            "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+            **MNIST_INPUT,
             "outputs": {
                 "logits": [784],
                 "mu": [config.latent_size],

@@ -32,6 +32,7 @@ __all__ = [
     "SmallCNN",
     "frechet_distance",
     "label_accuracy",
+    "plot_label_confusion",
     "reference_distances",
     "sample_scores",
 ]
@@ -246,3 +247,19 @@ def sample_scores(
         out["label_accuracy_per_digit"] = (np.diag(matrix) / matrix.sum(axis=1)).tolist()
         out["label_confusion_matrix"] = matrix
     return out
+
+
+def plot_label_confusion(path, scores: dict, name: str):
+    """Draw ``scores["label_confusion_matrix"]`` (``sample_scores`` of a conditional model's
+    samples) to the image ``path``: the digit asked for (rows) against the digit the scorer
+    recognised (columns), titled with ``name`` and the label accuracy. Returns the path."""
+    from classicnets.metrics.classification import plot_confusion_matrices
+
+    matrix = scores["label_confusion_matrix"]
+    return plot_confusion_matrices(
+        path,
+        matrix,
+        [str(k) for k in range(len(matrix))],
+        title=f"{name} samples: digit asked for (rows) x recognised (columns), "
+        f"{100 * scores['label_accuracy']:.1f}% as asked",
+    )
