@@ -26,7 +26,7 @@ from classicnets.experiments.common import (
     train_variants,
 )
 from classicnets.models.mlp import ACTIVATIONS, MLP
-from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.curves import Curve
 from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
 
@@ -190,13 +190,13 @@ PLOTS = (
 
 
 def write_plots(run_dir: RunDir) -> list:
-    """Panels (a) test accuracy against steps, (b, c) sigmoid-input percentiles; train loss."""
+    """Panels (b, c): the sigmoid-input percentiles against steps (panel (a), test accuracy, and
+    the training loss are ``PLOTS``, drawn by ``run_lifecycle``)."""
     from classicnets.report import Panel, multi_panel_plot
 
     curves = run_dir.records("test")
-    if not curves:
+    if not curves or not run_dir.writer:
         return []
-    written = plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS, NAMES)
     panels = []
     for letter, v in zip("bc", [v for v in VARIANTS if v in curves]):
         rs = curves[v]
@@ -213,10 +213,7 @@ def write_plots(run_dir: RunDir) -> list:
                 },
             )
         )
-    written.append(
-        multi_panel_plot(run_dir.plots / "sigmoid_input_percentiles.png", panels, sharey=True)
-    )
-    return written
+    return [multi_panel_plot(run_dir.plots / "sigmoid_input_percentiles.png", panels, sharey=True)]
 
 
 EXPERIMENT = Experiment.of_classifiers(
@@ -225,4 +222,6 @@ EXPERIMENT = Experiment.of_classifiers(
     BNMLPConfig,
     run,
     build_model,
+    PLOTS,
+    NAMES,
 )

@@ -145,6 +145,8 @@ class Experiment:
             trained models in eval mode with what an exporter needs to know about them.
         sample: ``sample(config, run_dir, device, request: SampleRequest) -> str`` for
             generative and language models (a message or the generated text), else None.
+        plots: the ``report.curves.Curve``s that ``run_lifecycle`` draws from the run's
+            records after ``run``; ``legend`` maps variant names to the legends' names.
     """
 
     name: str
@@ -154,10 +156,19 @@ class Experiment:
     evaluate: Callable[..., dict[str, Any]]
     load_models: Callable[..., dict[str, TrainedModel]] | None = None
     sample: Callable[..., str] | None = None
+    plots: tuple = ()
+    legend: dict[str, str] | None = None
 
     @classmethod
     def of_classifiers(
-        cls, name: str, description: str, config_cls: type, run: Callable, build_model: Callable
+        cls,
+        name: str,
+        description: str,
+        config_cls: type,
+        run: Callable,
+        build_model: Callable,
+        plots: tuple = (),
+        legend: dict[str, str] | None = None,
     ) -> Experiment:
         """An experiment that trains MNIST classifiers (``build_model(config, variant)``): its
         ``evaluate`` gives each variant's test metrics and confusion matrix, ``load_models``
@@ -169,7 +180,7 @@ class Experiment:
         def load_models(config, run_dir: RunDir, device: str = "cpu") -> dict:
             return load_classifiers(build_model, config, run_dir, config.variants, device)
 
-        return cls(name, description, config_cls, run, evaluate, load_models)
+        return cls(name, description, config_cls, run, evaluate, load_models, None, plots, legend)
 
 
 @dataclass(frozen=True)
@@ -344,18 +355,22 @@ def run_experiment(
 
 def run_lifecycle(experiment: Experiment, config, run: RunDir, device: str, resume: bool) -> dict:
     """What every experiment's run does around its own work, once, in order: keep counting the
-    wall time of earlier sessions, choose deterministic kernels, let the experiment train and
-    plot (``experiment.run``), then write ``summary.json`` and, on the writing process,
-    ``report.html``. ``config`` is already checked: ``apply_overrides`` and
+    wall time of earlier sessions, choose deterministic kernels, let the experiment train
+    (``experiment.run``), then on the writing process draw its ``plots``, and write
+    ``summary.json`` and ``report.html``. ``config`` is already checked: ``apply_overrides`` and
     ``config_from_dict`` validate every config they make."""
     from classicnets.train.settings import set_deterministic
 
     clock = Stopwatch(run.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
     set_deterministic(config.deterministic)
     summary = experiment.run(config, Job(run, device, resume))
+    if run.writer and experiment.plots:  # rank 0 of a torchrun job
+        from classicnets.report.curves import plot_curves
+
+        plot_curves(run.plots, run.read_metrics(), experiment.plots, experiment.legend)
     summary["wall_time_s"] = clock.elapsed()
     run.write_summary(summary)
-    if run.writer:  # rank 0 of a torchrun job
+    if run.writer:
         from classicnets.report import write_report
 
         write_report(run.path)

@@ -39,7 +39,7 @@ from classicnets.experiments.common import (
     train_variants,
 )
 from classicnets.models.autoencoder import UPSAMPLING, ConvAutoencoder
-from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.curves import Curve
 from classicnets.report.grid import reconstruction_grid
 from classicnets.train.autoencoder import (
     evaluate_reconstruction,
@@ -131,7 +131,6 @@ def run(config: ConvAEConfig, job: Job) -> dict:
     summary = _summary(config, results, job.device, steps)
     if not run_dir.writer:  # rank > 0 of a torchrun job
         return summary
-    write_plots(run_dir)
     x = data.test_x[: config.grid_images]
     reconstruction_grid(
         run_dir.plots / "reconstructions.png",
@@ -176,11 +175,6 @@ PLOTS = (
     Curve("train_loss.png", "train", "loss", "reconstruction loss per image", "training loss",
           logy=True),
 )  # fmt: skip
-
-
-def write_plots(run_dir: RunDir) -> list:
-    """Test reconstruction error (squared error per pixel) and training loss against steps."""
-    return plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS, NAMES)
 
 
 def load_models(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> dict:
@@ -255,4 +249,6 @@ EXPERIMENT = Experiment(
     evaluate=evaluate_trained,
     load_models=load_models,
     sample=sample,
+    plots=PLOTS,
+    legend=NAMES,
 )

@@ -41,7 +41,7 @@ from classicnets.experiments.common import (
 from classicnets.experiments.config import NON_NEGATIVE, Range
 from classicnets.metrics.generative import plot_label_confusion
 from classicnets.models.gan import GAN
-from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.curves import Curve
 from classicnets.report.grid import progress_figure
 from classicnets.train.run import RunDir
 
@@ -295,15 +295,15 @@ PLOTS = (
 
 
 def write_plots(run_dir: RunDir, config: GANConfig) -> list[Path]:
-    """Losses, D(x) and D(G(z)), diversity, eval scores against steps; grids over training."""
+    """Each variant's grids over training (the curves are ``PLOTS``, drawn by
+    ``run_lifecycle``)."""
     if not run_dir.writer:
         return []
-    written = plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
     grids = run_dir.plots / "grids"
     progress = (progress_figure(grids, variant, run_dir.plots / f"{variant}_progress.png",
                                 f"{variant}: fixed-noise grid over training")
                 for variant in config.variants)  # fmt: skip
-    return written + [path for path in progress if path is not None]
+    return [path for path in progress if path is not None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,4 +428,5 @@ EXPERIMENT = Experiment(
     evaluate=evaluate_trained,
     load_models=load_models,
     sample=sample,
+    plots=PLOTS,
 )

@@ -26,7 +26,7 @@ from classicnets.experiments.common import (
 )
 from classicnets.metrics.evaluation import evaluate_classifier
 from classicnets.models import MLP, create_model, model_entry
-from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.curves import Curve
 from classicnets.train.classifier import train_classifier
 from classicnets.train.run import RunDir
 
@@ -138,9 +138,7 @@ def run(config: ResNetVsMLPConfig, job: Job) -> dict:
         return result
 
     results = train_variants(config.variants, config.seed, train)
-    summary = _summary(config, results, job.device, steps)
-    write_plots(job.run_dir)
-    return summary
+    return _summary(config, results, job.device, steps)
 
 
 def evaluation_plots(run_dir: RunDir, variant: str, evaluation: dict) -> None:
@@ -175,15 +173,11 @@ PLOTS = (
 )  # fmt: skip
 
 
-def write_plots(run_dir: RunDir) -> None:
-    if run_dir.writer:
-        plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
-
-
 EXPERIMENT = Experiment.of_classifiers(
     "resnet-vs-mlp",
     "ResNet (bottleneck blocks) against a plain MLP on MNIST, confusion matrices",
     ResNetVsMLPConfig,
     run,
     build_model,
+    PLOTS,
 )

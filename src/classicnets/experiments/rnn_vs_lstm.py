@@ -35,7 +35,7 @@ from classicnets.experiments.common import (
 )
 from classicnets.experiments.config import Range
 from classicnets.models.rnnlm import CELLS, RNNLanguageModel, generate
-from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.curves import Curve
 from classicnets.train.run import RunDir
 
 __all__ = [
@@ -236,10 +236,7 @@ def run(config: RNNvsLSTMConfig, job: Job) -> dict:
         }
 
     results = train_variants(config.variants, config.seed, train_one)
-    summary = _summary(config, run_dir, results, device, len(train))
-    if run_dir.writer:
-        write_plots(run_dir)
-    return summary
+    return _summary(config, run_dir, results, device, len(train))
 
 
 def epoch_curves(run_dir: RunDir) -> dict[str, dict[str, dict[int, float]]]:
@@ -343,11 +340,6 @@ PLOTS = tuple(
           x="epoch")
     for split, name in (("train_epoch", "training"), ("valid", "validation"), ("test", "test"))
 )  # fmt: skip
-
-
-def write_plots(run_dir: RunDir) -> list:
-    """Training, validation and test perplexity per epoch, one line per model (log scale)."""
-    return plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
 
 
 def _read_vocabulary(config: RNNvsLSTMConfig, run_dir: RunDir):
@@ -460,4 +452,5 @@ EXPERIMENT = Experiment(
     evaluate=evaluate_trained,
     load_models=load_models,
     sample=sample,
+    plots=PLOTS,
 )

@@ -50,7 +50,7 @@ from classicnets.experiments.scorer import scorer_of
 from classicnets.metrics.generative import plot_label_confusion, reference_distances
 from classicnets.models.mlp import ACTIVATIONS
 from classicnets.models.vae import VAE
-from classicnets.report.curves import Curve, plot_curves
+from classicnets.report.curves import Curve
 from classicnets.report.grid import reconstruction_grid
 from classicnets.train.run import RunDir
 from classicnets.train.vae import evaluate_vae, train_vae
@@ -356,11 +356,10 @@ PLOTS = (
 
 
 def write_plots(run_dir: RunDir, results: dict) -> None:
-    """Test negative ELBO (cross-entropy variants) and test objective against steps; confusion
-    matrices of the CVAEs' samples."""
+    """The confusion matrices of the CVAEs' samples (the curves are ``PLOTS``, drawn by
+    ``run_lifecycle``)."""
     if not run_dir.writer:
         return
-    plot_curves(run_dir.plots, run_dir.read_metrics(), PLOTS)
     for variant, r in results.items():
         if "label_confusion_matrix" in r:
             plot_label_confusion(run_dir.plots / f"label_confusion_{variant}.png", r, variant)
@@ -482,4 +481,5 @@ EXPERIMENT = Experiment(
     evaluate=evaluate_trained,
     load_models=load_models,
     sample=sample,
+    plots=PLOTS,
 )
