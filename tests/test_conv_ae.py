@@ -232,6 +232,7 @@ def test_stopped_and_resumed_run_is_bit_identical(quick_run, tmp_path, data_root
         out=out,
     )  # fmt: skip
     assert RunDir(out).read_summary()["status"] == "stopped"
+    first_session = RunDir(out).read_summary()["wall_time_s"]
     step, path = list_checkpoints(out / "checkpoints", "transpose")[-1]
     assert step == 7
     path.unlink()
@@ -239,7 +240,9 @@ def test_stopped_and_resumed_run_is_bit_identical(quick_run, tmp_path, data_root
     record = json.loads((out / "config.json").read_text())
     record["config"]["stop_after"] = None
     (out / "config.json").write_text(json.dumps(record))
-    assert resume_experiment(out, device="cpu")["status"] == "complete"
+    resumed = resume_experiment(out, device="cpu")
+    assert resumed["status"] == "complete"
+    assert resumed["wall_time_s"] > first_session > 0  # the sessions' wall times add up
     expected, got = _weights(full_dir), _weights(out)
     for variant in VARIANTS:
         assert expected[variant][0] == got[variant][0] == 10

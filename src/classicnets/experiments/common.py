@@ -361,14 +361,15 @@ def run_lifecycle(experiment: Experiment, config, run: RunDir, device: str, resu
     ``config_from_dict`` validate every config they make."""
     from classicnets.train.settings import set_deterministic
 
-    clock = Stopwatch(run.read_summary().get("wall_time_s", 0.0) if resume else 0.0)
+    start = time.perf_counter()  # the wall time of earlier sessions is in their summary
+    earlier = run.read_summary().get("wall_time_s", 0.0) if resume else 0.0
     set_deterministic(config.deterministic)
     summary = experiment.run(config, Job(run, device, resume))
     if run.writer and experiment.plots:  # rank 0 of a torchrun job
         from classicnets.report.curves import plot_curves
 
         plot_curves(run.plots, run.read_metrics(), experiment.plots, experiment.legend)
-    summary["wall_time_s"] = clock.elapsed()
+    summary["wall_time_s"] = earlier + time.perf_counter() - start
     run.write_summary(summary)
     if run.writer:
         from classicnets.report import write_report
@@ -587,14 +588,3 @@ def image_data_of(config, device: str) -> ClassificationData:
     test_limit = getattr(config, "test_limit", None)
     return load_image_data(dataset, config.data_dir, device, config.train_limit, config.download,
                            test_limit)  # fmt: skip
-
-
-class Stopwatch:
-    """Wall time of a run, accumulated across resumes through the summary file."""
-
-    def __init__(self, previous: float = 0.0) -> None:
-        self.previous = previous
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return self.previous + time.perf_counter() - self.start
