@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from classicnets.data.tensors import load_image_data
 from classicnets.experiments.common import (
     ExperimentError,
+    image_data_of,
     load_trained_models,
     run_config,
 )
@@ -84,13 +84,7 @@ def _models_and_data(path: str | Path, inputs: str | Path | None):
             out[name] = (trained, _batches(array, INPUT_BATCH, MAX_BATCHES))
         return out
     config = run_config(path)
-    data = load_image_data(
-        getattr(config, "dataset", "mnist"),
-        config.data_dir,
-        "cpu",
-        getattr(config, "train_limit", None),
-        download=config.download,
-    )
+    data = image_data_of(config, "cpu")  # (the test split, unused here, loads too)
     batch_size = getattr(config, "batch_size", None) or 128
     batches = _batches(data.train_x, batch_size, MAX_BATCHES)
     return {name: (trained, batches) for name, trained in with_bn.items()}
