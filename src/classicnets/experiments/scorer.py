@@ -102,12 +102,9 @@ def _train_scorer(data_dir, device: str, download: bool, quick: bool) -> tuple[n
     from classicnets.train.settings import TrainSettings
 
     recipe = _RECIPES[bool(quick)]
-    data = load_image_data("mnist", data_dir, device, recipe["train_limit"], download)
-    if recipe.get("test_limit"):  # quick: measure the accuracy on the first test images only
-        data.test_x, data.test_y = (
-            data.test_x[: recipe["test_limit"]],
-            data.test_y[: recipe["test_limit"]],
-        )
+    data = load_image_data(
+        "mnist", data_dir, device, recipe["train_limit"], download, recipe.get("test_limit")
+    )  # quick: the accuracy is measured on the first test images only
     settings = TrainSettings(
         steps=recipe["steps"],
         batch_size=recipe["batch_size"],
