@@ -1,13 +1,11 @@
 """What every experiment shares: the registry, the run lifecycle, device and data helpers.
 
-An experiment is a config dataclass (documented defaults; ``quick()`` gives the variant tests
-use) and three functions:
-
-    run(config, run_dir, device, resume, clock) -> summary   trains, logs and plots; the
-                                                 lifecycle around it (``run_lifecycle``)
-                                                 times, seeds kernels, writes summary, report
-    evaluate(run_dir, device) -> dict                        metrics of the trained models
-    describe: one line for ``classicnets list``
+An experiment (``Experiment``) is a config dataclass (documented defaults; ``quick()`` gives
+the variant tests use), ``run(config, job) -> summary`` (trains each variant and draws the
+figures of its own), a plot spec (``plots``: the curves drawn from its records), and for its
+trained models ``evaluate``, ``load_models`` and, for generative and language models,
+``sample``. ``run_lifecycle`` does the rest once for all: the wall time across resumes,
+deterministic kernels, the plot spec, ``summary.json`` and the report.
 """
 
 from __future__ import annotations
