@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from classicnets.data.batching import iterate_in_order
+from classicnets.metrics.evaluation import classify
 from classicnets.train.fit import fit
 from classicnets.train.precision import inputs_channels_last
 from classicnets.train.run import RunDir
@@ -32,23 +31,11 @@ from classicnets.train.settings import ClassificationData, EvalHook, SettingsTas
 __all__ = ["ClassifierTask", "evaluate", "train_classifier"]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 2000) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in inference mode.
-
-    The model's previous train/eval mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    for sl in iterate_in_order(len(x), batch_size):
-        logits = model(x[sl])
-        total_loss += F.cross_entropy(logits, y[sl], reduction="sum").double()
-        correct += (logits.argmax(dim=1) == y[sl]).sum()
-    model.train(was_training)
-    n = len(x)
-    return {"loss": total_loss.item() / n, "accuracy": correct.item() / n}
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in inference mode
+    (``metrics.evaluation.classify``; the model's previous mode is restored)."""
+    total, predicted = classify(model, x, y, batch_size)
+    return {"loss": total.item() / len(x), "accuracy": (predicted == y).sum().item() / len(x)}
 
 
 class ClassifierTask(SettingsTask):
