@@ -438,3 +438,23 @@ def test_generator_sample_is_its_forward_on_seeded_noise_with_cycled_labels():
     torch.testing.assert_close(images, want, rtol=0, atol=network(3, 300))
     unconditional = GAN().generator
     assert unconditional.sample(3, seed=1)[1] is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--label", "10"], "--label must be a class 0-9, got 10"),
+        (["--label", "-1"], "--label must be a class 0-9, got -1"),
+        (["--variant", "dcgan"], "--variant 'dcgan': this run has gan, cgan trained"),
+        (["--label", "3", "--variant", "gan"], "variant 'gan' is unconditional: no --label"),
+        (["--prompt", "the"], "--prompt and --temperature are for language models"),
+    ],
+)
+def test_bad_sample_requests_are_one_line_exit_2_and_write_nothing(quick_run, capsys, argv,
+                                                                   message):  # fmt: skip
+    run_dir, _, _ = quick_run
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    assert main(["sample", str(run_dir), "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before

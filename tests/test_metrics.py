@@ -284,6 +284,8 @@ def test_evaluate_classifier_against_scikit_learn_and_one_batch_cross_entropy():
         predicted = model(x).argmax(1).numpy()
         nll = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
     assert np.array_equal(result["confusion_matrix"], skm.confusion_matrix(y, predicted))
+    # Integer counts divided once in float64 (1e-15 on [0, 1]); F1 at the module's 1e-12 (sklearn
+    # reaches it through another sequence of operations).
     assert result["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted), abs=1e-15)
     assert result["macro_f1"] == pytest.approx(
         skm.f1_score(y, predicted, average="macro", zero_division=0), abs=1e-12
