@@ -34,7 +34,6 @@ __all__ = [
     "Experiment",
     "ExperimentError",
     "Job",
-    "MNIST_INPUT",
     "RunOptions",
     "SampleRequest",
     "TrainedModel",
@@ -43,6 +42,7 @@ __all__ = [
     "evaluate_classifiers",
     "load_classifiers",
     "load_trained_models",
+    "mnist_input",
     "sample_run",
     "sampled_models",
     "evaluate_run",
@@ -221,12 +221,14 @@ def summarize(title: str, variants, results: dict, fields, notes: list[str]) -> 
     }
 
 
-# What a model of MNIST images takes, in a ``TrainedModel``'s info (exporters, ``predict``).
-MNIST_INPUT = {
-    "input_shape": [1, 28, 28],
-    "input_dtype": "float32",
-    "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
-}
+def mnist_input() -> dict[str, Any]:
+    """What a model of MNIST images takes, for a ``TrainedModel``'s info (exporters,
+    ``predict``); a new dict each time, so that no caller's edit reaches another's."""
+    return {
+        "input_shape": [1, 28, 28],
+        "input_dtype": "float32",
+        "preprocessing": "uint8 image [28, 28] / 255, shape [N, 1, 28, 28]",
+    }
 
 
 @dataclass
@@ -542,7 +544,7 @@ def load_classifiers(experiment_build, config, run_dir: RunDir, variants, device
     def info(variant: str, model) -> dict[str, Any]:
         return {
             "kind": "classifier",
-            **MNIST_INPUT,
+            **mnist_input(),
             "class_names": list(CLASS_NAMES[config.dataset]),
             "dataset": config.dataset,
         }

@@ -26,13 +26,13 @@ from typing import Any, ClassVar
 import torch
 
 from classicnets.experiments.common import (
-    MNIST_INPUT,
     Experiment,
     Job,
     SampleRequest,
     TrainingOptions,
     image_data_of,
     load_checkpointed,
+    mnist_input,
     sampled_models,
     summarize,
     train_settings,
@@ -183,7 +183,7 @@ def load_models(config: ConvAEConfig, run_dir: RunDir, device: str = "cpu") -> d
     def info(variant: str, model) -> dict[str, Any]:
         return {
             "kind": "autoencoder",
-            **MNIST_INPUT,
+            **mnist_input(),
             "output_shape": [1, 28, 28],
             "output": "reconstructed intensities in (0, 1) (sigmoid), shape [N, 1, 28, 28]",
             "upsampling": variant,

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from classicnets.experiments.common import (
-    MNIST_INPUT,
     Experiment,
     ExperimentError,
     Job,
@@ -41,6 +40,7 @@ from classicnets.experiments.common import (
     TrainingOptions,
     image_data_of,
     load_checkpointed,
+    mnist_input,
     sampled_models,
     summarize,
     train_settings,
@@ -374,7 +374,7 @@ def load_models(config: VAEConfig, run_dir: RunDir, device: str = "cpu") -> dict
     def info(variant: str, model) -> dict[str, Any]:
         out = {
             "kind": "autoencoder",
-            **MNIST_INPUT,
+            **mnist_input(),
             "outputs": {
                 "logits": [784],
                 "mu": [config.latent_size],
