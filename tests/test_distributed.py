@@ -74,6 +74,18 @@ def _run(experiment: str, out: Path, sets: list[str], quick: bool = True) -> lis
             str(out), *settings]  # fmt: skip
 
 
+def _assert_same_weights(single, ddp, variant: str, tol: float) -> None:
+    """The newest checkpoints of ``variant`` in two run folders hold the same tensors: floats
+    within ``tol`` absolute, the rest (counters, RNG states) exactly."""
+    a, b = _weights(single, variant), _weights(ddp, variant)
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(b[key], a[key], atol=tol, rtol=0, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
 def _weights(run_dir: Path, variant: str) -> dict:
     _, path = list_checkpoints(run_dir / "checkpoints", variant)[-1]
     return {k: v for k, v in load_file(path.with_suffix(".safetensors")).items()
@@ -88,13 +100,7 @@ def test_two_processes_with_sync_bn_equal_one_process(tmp_path, data_root):
     done = _torchrun(data_root, *_run("bn-mlp", ddp, SETTINGS, quick=False))
 
     for variant in ("plain", "bn"):
-        a, b = _weights(single, variant), _weights(ddp, variant)
-        assert a.keys() == b.keys()
-        for key in a:
-            if a[key].is_floating_point():
-                torch.testing.assert_close(b[key], a[key], atol=TOL, rtol=0, msg=key)
-            else:
-                assert torch.equal(a[key], b[key]), key
+        _assert_same_weights(single, ddp, variant, TOL)
     # Written once: one folder, each record once (rank 1 wrote nothing).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
     records = RunDir(ddp).read_metrics()
@@ -162,13 +168,7 @@ def test_two_processes_equal_one_process_for_every_paradigm(tmp_path, data_root,
     variants = sorted({r["variant"] for r in one})
     assert len(variants) == 2
     for variant in variants:
-        a, b = _weights(single, variant), _weights(ddp, variant)
-        assert a.keys() == b.keys()
-        for key in a:
-            if a[key].is_floating_point():
-                torch.testing.assert_close(b[key], a[key], atol=tol, rtol=0, msg=key)
-            else:
-                assert torch.equal(a[key], b[key]), key
+        _assert_same_weights(single, ddp, variant, tol)
     # The same records, each once (rank 1 wrote nothing); their values are means of losses (or
     # norms, perplexities) of weights that agree within tol (weights and inputs of size <= 1):
     # to first order they agree within the same relative size.
