@@ -216,12 +216,7 @@ def write_plots(run_dir: RunDir) -> list:
     return [multi_panel_plot(run_dir.plots / "sigmoid_input_percentiles.png", panels, sharey=True)]
 
 
+DESCRIPTION = "MLP with vs without BatchNorm on MNIST (Ioffe & Szegedy 2015, Figure 1)"
 EXPERIMENT = Experiment.of_classifiers(
-    "bn-mlp",
-    "MLP with vs without BatchNorm on MNIST (Ioffe & Szegedy 2015, Figure 1)",
-    BNMLPConfig,
-    run,
-    build_model,
-    PLOTS,
-    NAMES,
+    "bn-mlp", DESCRIPTION, BNMLPConfig, run, build_model, PLOTS, NAMES
 )

@@ -240,15 +240,10 @@ def sample(
     return f"reconstruction grid of {len(x)} test images ({', '.join(models)}): {out}"
 
 
+DESCRIPTION = (
+    "convolutional autoencoder on MNIST, 28-14-7-4 and back by exact output size; "
+    "transposed conv vs nearest vs average-unpooling upsampling"
+)
 EXPERIMENT = Experiment(
-    name="conv-ae",
-    description="convolutional autoencoder on MNIST, 28-14-7-4 and back by exact output size; "
-    "transposed conv vs nearest vs average-unpooling upsampling",
-    config_cls=ConvAEConfig,
-    run=run,
-    evaluate=evaluate_trained,
-    load_models=load_models,
-    sample=sample,
-    plots=PLOTS,
-    legend=NAMES,
+    "conv-ae", DESCRIPTION, ConvAEConfig, run, evaluate_trained, load_models, sample, PLOTS, NAMES
 )

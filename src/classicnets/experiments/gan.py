@@ -420,13 +420,7 @@ def sample(config: GANConfig, run_dir: RunDir, device: str, request: SampleReque
     return "\n".join(lines)
 
 
+DESCRIPTION = "GAN and conditional GAN on MNIST (FC, blog architecture), classifier-scored"
 EXPERIMENT = Experiment(
-    name="gan",
-    description="GAN and conditional GAN on MNIST (FC, blog architecture), classifier-scored",
-    config_cls=GANConfig,
-    run=run,
-    evaluate=evaluate_trained,
-    load_models=load_models,
-    sample=sample,
-    plots=PLOTS,
+    "gan", DESCRIPTION, GANConfig, run, evaluate_trained, load_models, sample, PLOTS
 )

@@ -173,11 +173,7 @@ PLOTS = (
 )  # fmt: skip
 
 
+DESCRIPTION = "ResNet (bottleneck blocks) against a plain MLP on MNIST, confusion matrices"
 EXPERIMENT = Experiment.of_classifiers(
-    "resnet-vs-mlp",
-    "ResNet (bottleneck blocks) against a plain MLP on MNIST, confusion matrices",
-    ResNetVsMLPConfig,
-    run,
-    build_model,
-    PLOTS,
+    "resnet-vs-mlp", DESCRIPTION, ResNetVsMLPConfig, run, build_model, PLOTS
 )

@@ -444,13 +444,7 @@ def sample(
     return render_text(prompt + vocabulary.decode(ids))
 
 
+DESCRIPTION = "vanilla RNN (tanh, ReLU) vs LSTM language models on Penn Treebank (Zaremba 2014)"
 EXPERIMENT = Experiment(
-    name="rnn-vs-lstm",
-    description="vanilla RNN (tanh, ReLU) vs LSTM language models on Penn Treebank (Zaremba 2014)",
-    config_cls=RNNvsLSTMConfig,
-    run=run,
-    evaluate=evaluate_trained,
-    load_models=load_models,
-    sample=sample,
-    plots=PLOTS,
+    "rnn-vs-lstm", DESCRIPTION, RNNvsLSTMConfig, run, evaluate_trained, load_models, sample, PLOTS
 )

@@ -472,14 +472,9 @@ def sample(config: VAEConfig, run_dir: RunDir, device: str, request: SampleReque
     return f"wrote {path} ({variant}, step {trained.step}, seed {request.seed}, {shape} grid)"
 
 
+DESCRIPTION = (
+    "VAE and conditional VAE on MNIST (784-128-64, latent 32), cross-entropy vs squared error"
+)
 EXPERIMENT = Experiment(
-    name="vae",
-    description="VAE and conditional VAE on MNIST (784-128-64, latent 32), cross-entropy vs "
-    "squared error",
-    config_cls=VAEConfig,
-    run=run,
-    evaluate=evaluate_trained,
-    load_models=load_models,
-    sample=sample,
-    plots=PLOTS,
+    "vae", DESCRIPTION, VAEConfig, run, evaluate_trained, load_models, sample, PLOTS
 )

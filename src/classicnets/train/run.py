@@ -168,10 +168,6 @@ class RunDir:
     def plots(self) -> Path:
         return self.path / "plots"
 
-    @property
-    def report_path(self) -> Path:
-        return self.path / "report.html"
-
     # config
     def write_config(self, experiment: str, config: dict[str, Any]) -> None:
         if not self.writer:
