@@ -370,6 +370,11 @@ def _window(buffers: dict[str, Tensor], first: int, step: int, ring: int) -> dic
 def _progress_bar(cadence: Cadence, start: int, variant: str):
     if not cadence.progress:
         return None
+    from classicnets.train.jobs import progress_to_parent
+
+    in_worker = progress_to_parent(cadence.steps, start)  # the parent draws every worker's bar
+    if in_worker is not None:
+        return in_worker
     from tqdm.auto import tqdm
 
     return tqdm(total=cadence.steps, initial=start, desc=variant, unit="step", dynamic_ncols=True)

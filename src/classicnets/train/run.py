@@ -20,6 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: metrics appends are then unlocked
+    fcntl = None
+
 from classicnets.files import (
     LOCK_NAME,
     FolderLockedError,
@@ -215,9 +220,28 @@ class RunDir:
         if not self.writer:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(_clean(record), default=_json_default)
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        line = (json.dumps(_clean(record), default=_json_default) + "\n").encode("utf-8")
+        with self._metrics_locked():  # one write: side-by-side workers never interleave a line
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    @contextmanager
+    def _metrics_locked(self) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on the run folder while ``metrics.jsonl`` is appended to
+        or rewritten: variants trained side by side (``jobs``) write it from several processes,
+        and a rewrite (resume) must not lose another's line. No-op where there is no flock."""
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every record of ``metrics.jsonl``, each a JSON object with a string ``variant`` and
@@ -283,9 +307,10 @@ class RunDir:
         """
         if not self.writer or not self.metrics_path.exists():
             return
-        kept = [r for r in self.read_metrics() if keep(r)]
-        text = "".join(json.dumps(r, default=_json_default) + "\n" for r in kept)
-        atomic_write_text(self.metrics_path, text)
+        with self._metrics_locked():
+            kept = [r for r in self.read_metrics() if keep(r)]
+            text = "".join(json.dumps(r, default=_json_default) + "\n" for r in kept)
+            atomic_write_text(self.metrics_path, text)
 
     # summary
     def write_summary(self, summary: dict[str, Any]) -> None:
