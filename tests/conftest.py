@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Runs train their variants one after the other in the test process (monkeypatches and
+# in-process assertions reach them); tests/test_jobs.py sets ``jobs`` where it tests workers.
+os.environ.setdefault("CLASSICNETS_JOBS", "1")
 
 _REPO = Path(__file__).resolve().parents[1]
 _CANDIDATES = [os.environ.get("CLASSICNETS_DATA"), str(_REPO.parent / "shared" / "data")]
@@ -46,3 +49,9 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def fashion_root() -> Path:
     return _require("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def ptb_data_root() -> Path:
+    """The data root, holding ``ptb/``."""
+    return _require("ptb")

@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             resume = f"; continue with: classicnets resume {_run_dir_of(args, exc)}"
             print(f"classicnets: {exc}{resume}", file=sys.stderr)
             return exc.exit_code
-        if isinstance(exc, NonFiniteLossError):
+        from classicnets.train.jobs import WorkerFailed
+
+        if isinstance(exc, NonFiniteLossError | WorkerFailed):
             print(f"classicnets: run stopped: {exc}", file=sys.stderr)
             return EXIT_FAILED
         raise

@@ -23,7 +23,6 @@ from classicnets.experiments.common import (
     image_data_of,
     summarize,
     train_settings,
-    train_variants,
 )
 from classicnets.models.mlp import ACTIVATIONS, MLP
 from classicnets.report.curves import Curve
@@ -143,7 +142,7 @@ def run(config: BNMLPConfig, job: Job) -> dict:
         )
         return {**result, "lr": settings.lr}
 
-    results = train_variants(config.variants, config.seed, train)
+    results = job.train_variants(config.variants, config.seed, train)
     summary = _summary(config, job.run_dir, results, job.device)
     write_plots(job.run_dir)
     return summary

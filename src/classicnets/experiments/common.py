@@ -57,7 +57,8 @@ __all__ = [
     "settings_for",
     "summarize",
     "train_settings",
-    "train_variants",
+    "VariantTrained",
+    "resolve_jobs",
 ]
 
 
@@ -78,6 +79,7 @@ class RunOptions:
     keep_checkpoints: int = 2  # checkpoints kept per model
     progress: bool = True  # a progress bar per variant
     stop_after: int | None = None  # stop each variant after this many steps (resume demos)
+    jobs: int = 0  # variants trained side by side; 0: as many as the cores or GPUs allow
 
 
 @dataclass
@@ -183,28 +185,135 @@ class Experiment:
 
 @dataclass(frozen=True)
 class Job:
-    """What ``run_lifecycle`` hands an experiment's ``run``: the run folder, the device and
-    whether the run resumes from its checkpoints."""
+    """What ``run_lifecycle`` hands an experiment's ``run``: the run folder, the device,
+    whether the run resumes from its checkpoints, and how its variants are trained
+    (``train_variants``): ``jobs`` worker processes side by side, or, inside one of those
+    workers, only ``variant``."""
 
     run_dir: RunDir
     device: str
     resume: bool
+    jobs: int = 1
+    variant: str | None = None
+
+    def train_variants(
+        self, variants, seed: int, train_one: Callable[[str], dict], prepare=None
+    ) -> dict[str, dict]:
+        """``{variant: train_one(variant)}``, each variant started from
+        ``torch.manual_seed(seed)`` (the same initialization stream for every variant).
+
+        With ``jobs`` 1 they train in order, and training stops after a variant stopped on
+        request (``stop_after``, a signal: ``complete`` false or ``status`` "stopped"), so that
+        the next ones start when the run is resumed. With more, each variant trains in a worker
+        process of its own (``train.jobs``), at most ``jobs`` at a time, on its share of the
+        threads: the same records as ``jobs`` 1 with those threads. ``prepare()``, if given,
+        runs first in this process, for what the workers would otherwise each make (the GAN's
+        scoring classifier). A variant that fails or diverges leaves the others training; then
+        the first stop (``StopRequested``), divergence (``NonFiniteLossError``) or failure
+        (``WorkerFailed``) is raised, in that order.
+        """
+        import torch
+
+        if self.variant is not None:  # inside a worker: this variant only, and no more of run
+            torch.manual_seed(seed)
+            raise VariantTrained(train_one(self.variant))
+        if self.jobs > 1 and len(variants) > 1:
+            if prepare is not None:
+                prepare()
+            return _train_in_workers(self, list(variants))
+        results: dict[str, dict] = {}
+        for variant in variants:
+            torch.manual_seed(seed)
+            results[variant] = result = train_one(variant)
+            status = result.get("status", "complete" if result.get("complete") else "stopped")
+            if status == "stopped":
+                break
+        return results
 
 
-def train_variants(variants, seed: int, train_one: Callable[[str], dict]) -> dict[str, dict]:
-    """``{variant: train_one(variant)}`` in order, each started from ``torch.manual_seed(seed)``
-    (the same initialization stream for every variant). It stops after a variant that was
-    stopped on request (``stop_after``, a signal: ``complete`` false or ``status`` "stopped"),
-    so that the next ones start when the run is resumed."""
+class VariantTrained(Exception):  # not an error: how a worker leaves ``run`` early
+    """Raised by ``Job.train_variants`` inside a worker with the variant's result: the rest of
+    the experiment's ``run`` (summary, figures of every variant) is the parent's."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__("variant trained")
+        self.result = result
+
+
+def resolve_jobs(jobs: int, variants: int, device: str) -> int:
+    """How many variants train side by side: ``jobs`` when set (at most one per variant), else
+    automatic: ``$CLASSICNETS_JOBS`` when set, else as many as the variants and the CPU
+    threads (``torch.get_num_threads``) allow, on CUDA the GPUs; always 1 under torchrun,
+    whose processes train one variant after the other together."""
+    import os
+
     import torch
 
-    results: dict[str, dict] = {}
-    for variant in variants:
-        torch.manual_seed(seed)
-        results[variant] = result = train_one(variant)
-        if result.get("status", "complete" if result.get("complete") else "stopped") == "stopped":
-            break
-    return results
+    from classicnets.train.distributed import get_context
+
+    if get_context().enabled or variants < 2:
+        return 1
+    if jobs == 0:
+        chosen = os.environ.get("CLASSICNETS_JOBS", "")
+        if chosen:
+            try:
+                jobs = int(chosen)
+            except ValueError:
+                raise ExperimentError(
+                    f"CLASSICNETS_JOBS={chosen!r}: expected a whole number of jobs"
+                ) from None
+            if jobs < 0:
+                raise ExperimentError(f"CLASSICNETS_JOBS={chosen!r}: expected 0 or more")
+    if jobs == 0:
+        if device.startswith("cuda"):
+            jobs = torch.cuda.device_count() if device == "cuda" else 1
+        else:
+            jobs = torch.get_num_threads()
+    return max(1, min(jobs, variants))
+
+
+def _train_in_workers(job: Job, variants: list[str]) -> dict[str, dict]:
+    import sys
+    import tempfile
+
+    import torch
+
+    from classicnets.train.faults import StopRequested
+    from classicnets.train.jobs import WorkerFailed, WorkerSpec, run_workers
+    from classicnets.train.loop import NonFiniteLossError
+
+    workers = min(job.jobs, len(variants))
+    threads = max(1, torch.get_num_threads() // workers)
+    gpus = torch.cuda.device_count() if job.device == "cuda" else 0
+    with tempfile.TemporaryDirectory(prefix="classicnets-jobs-") as scratch:
+        specs = []
+        for index, variant in enumerate(variants):
+            argv = [sys.executable, "-m", "classicnets.experiments.worker", str(job.run_dir.path),
+                    variant, job.device, "resume" if job.resume else "new"]  # fmt: skip
+            result_path = Path(scratch) / f"{index}.json"
+            env = {"CUDA_VISIBLE_DEVICES": str(index % gpus)} if gpus > 1 else {}
+            specs.append(WorkerSpec(variant, [*argv, str(result_path)], result_path, threads, env))
+        outcomes = run_workers(specs, workers)
+    results, stopped, diverged, failed = {}, [], [], []
+    for outcome in outcomes:
+        found = outcome.result or {}
+        if "result" in found:
+            results[outcome.name] = found["result"]
+        elif "stopped" in found:
+            stopped.append(found["stopped"])
+        elif "diverged" in found:
+            diverged.append(found["diverged"])
+        elif outcome.returncode is not None:
+            failed.append(f"variant {outcome.name!r}: its worker {outcome.describe()}")
+    if stopped:
+        first = stopped[0]
+        raise StopRequested(first["signal"], first["step"], first["checkpoint"])
+    if diverged:
+        raise NonFiniteLossError(diverged[0]["message"], diverged[0]["step"])
+    if failed:
+        raise WorkerFailed("; ".join(failed) + f" (resume with: classicnets resume "
+                           f"{job.run_dir.path})")  # fmt: skip
+    return {v: results[v] for v in variants if v in results}
 
 
 def summarize(title: str, variants, results: dict, fields, notes: list[str]) -> dict[str, Any]:
@@ -364,7 +473,8 @@ def run_lifecycle(experiment: Experiment, config, run: RunDir, device: str, resu
     start = time.perf_counter()  # the wall time of earlier sessions is in their summary
     earlier = run.read_summary().get("wall_time_s", 0.0) if resume else 0.0
     set_deterministic(config.deterministic)
-    summary = experiment.run(config, Job(run, device, resume))
+    jobs = resolve_jobs(config.jobs, len(config.variants), device)
+    summary = experiment.run(config, Job(run, device, resume, jobs))
     if run.writer and experiment.plots:  # rank 0 of a torchrun job
         from classicnets.report.curves import plot_curves
 

@@ -194,6 +194,7 @@ RANGES: dict[str, Range] = {
     **dict.fromkeys(["eval_every", "log_every", "grid_every", "stop_after"], AT_LEAST_ONE),
     "checkpoint_every": NON_NEGATIVE,  # 0: only at the end
     "keep_checkpoints": AT_LEAST_ONE,
+    "jobs": NON_NEGATIVE,  # 0: automatic
     **dict.fromkeys(["train_limit", "test_limit", "eval_limit"], AT_LEAST_ONE),
     "monitor_after": NON_NEGATIVE,
     "watch_unit": NON_NEGATIVE,

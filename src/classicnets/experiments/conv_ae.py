@@ -36,7 +36,6 @@ from classicnets.experiments.common import (
     sampled_models,
     summarize,
     train_settings,
-    train_variants,
 )
 from classicnets.models.autoencoder import UPSAMPLING, ConvAutoencoder
 from classicnets.report.curves import Curve
@@ -127,10 +126,12 @@ def run(config: ConvAEConfig, job: Job) -> dict:
         )
         return {**result, "parameters": sum(p.numel() for p in model.parameters())}
 
-    results = train_variants(config.variants, config.seed, train)
+    results = job.train_variants(config.variants, config.seed, train)
     summary = _summary(config, results, job.device, steps)
     if not run_dir.writer:  # rank > 0 of a torchrun job
         return summary
+    if not models and job.jobs > 1:  # trained in worker processes: their final checkpoints
+        models = {v: t.model for v, t in load_models(config, run_dir, job.device).items()}
     x = data.test_x[: config.grid_images]
     reconstruction_grid(
         run_dir.plots / "reconstructions.png",

@@ -36,7 +36,6 @@ from classicnets.experiments.common import (
     sampled_models,
     settings_for,
     summarize,
-    train_variants,
 )
 from classicnets.experiments.config import NON_NEGATIVE, Range
 from classicnets.metrics.generative import plot_label_confusion
@@ -233,7 +232,7 @@ def run(config: GANConfig, job: Job) -> dict:
                 plot_label_confusion(run_dir.plots / f"confusion_{variant}.png", scores, variant)
         return result
 
-    results = train_variants(config.variants, config.seed, train)
+    results = job.train_variants(config.variants, config.seed, train, prepare=get_scoring)
     summary = _summary(config, results, scoring, device)
     write_plots(run_dir, config)
     return summary

@@ -22,7 +22,6 @@ from classicnets.experiments.common import (
     image_data_of,
     summarize,
     train_settings,
-    train_variants,
 )
 from classicnets.metrics.evaluation import evaluate_classifier
 from classicnets.models import MLP, create_model, model_entry
@@ -137,7 +136,7 @@ def run(config: ResNetVsMLPConfig, job: Job) -> dict:
             evaluation_plots(job.run_dir, variant, evaluation)
         return result
 
-    results = train_variants(config.variants, config.seed, train)
+    results = job.train_variants(config.variants, config.seed, train)
     return _summary(config, results, job.device, steps)
 
 

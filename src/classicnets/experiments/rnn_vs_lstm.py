@@ -31,7 +31,6 @@ from classicnets.experiments.common import (
     TrainedModel,
     load_checkpointed,
     settings_for,
-    train_variants,
 )
 from classicnets.experiments.config import Range
 from classicnets.models.rnnlm import CELLS, RNNLanguageModel, generate
@@ -235,7 +234,7 @@ def run(config: RNNvsLSTMConfig, job: Job) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
         }
 
-    results = train_variants(config.variants, config.seed, train_one)
+    results = job.train_variants(config.variants, config.seed, train_one)
     return _summary(config, run_dir, results, device, len(train))
 
 

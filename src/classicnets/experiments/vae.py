@@ -44,7 +44,6 @@ from classicnets.experiments.common import (
     sampled_models,
     summarize,
     train_settings,
-    train_variants,
 )
 from classicnets.experiments.scorer import scorer_of
 from classicnets.metrics.generative import plot_label_confusion, reference_distances
@@ -176,7 +175,10 @@ def run(config: VAEConfig, job: Job) -> dict:
             models[variant] = model.eval()
         return {**result, "parameters": sum(p.numel() for p in model.parameters())}
 
-    results = train_variants(config.variants, config.seed, train)
+    results = job.train_variants(config.variants, config.seed, train)
+    if not models and job.jobs > 1:  # trained in worker processes: their final checkpoints
+        done = [v for v, r in results.items() if r["complete"]]
+        models = {v: t.model for v, t in load_models(config, run_dir, device).items() if v in done}
     complete = len(models) == len(config.variants)
     references: dict[str, float] = {}
     scorer_info: dict[str, Any] = {}
