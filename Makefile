@@ -29,3 +29,4 @@ test: lint
 bench:
 	CLASSICNETS_DATA=$(DATA) $(PYTHON) benchmarks/bn_layer.py
 	CLASSICNETS_DATA=$(DATA) $(PYTHON) benchmarks/mnist_mlp.py
+	CLASSICNETS_DATA=$(DATA) $(PYTHON) benchmarks/experiment_wall.py
