@@ -133,6 +133,7 @@ class Case:
     argv: list[str]  # {run}, {export}, {bundle}, {work} are replaced by paths
     expected: str  # words the one-line message must contain
     tamper: Callable[[Path], None] | None = None
+    env: dict[str, str] | None = None  # set for the command
 
 
 RUN = ["run", "bn-mlp", "--quick", "--device", "cpu"]
@@ -167,6 +168,16 @@ CASES: dict[str, Case] = {
     "lm dropout=1.5": Case(
         ["run", "rnn-vs-lstm", "--quick", "--set", "dropout=1.5"], "dropout=1.5"
     ),
+    "jobs=-1": Case([*RUN, "--set", "jobs=-1"], "jobs=-1: expected a finite number >= 0"),
+    "jobs=two": Case([*RUN, "--set", "jobs=two"], "jobs='two': expected an integer"),
+    "CLASSICNETS_JOBS=many": Case(
+        RUN, "CLASSICNETS_JOBS='many': expected a whole number", env={"CLASSICNETS_JOBS": "many"}
+    ),
+    "CLASSICNETS_JOBS=-2 on resume": Case(
+        ["resume", "{run}"],
+        "CLASSICNETS_JOBS='-2': expected 0 or more",
+        env={"CLASSICNETS_JOBS": "-2"},
+    ),  # fmt: skip
     "conv-ae kernel_size=0": Case(
         ["run", "conv-ae", "--quick", "--set", "kernel_size=0"], "kernel_size=0"
     ),
@@ -414,6 +425,8 @@ def test_hostile_case_is_one_line_exit_2_and_changes_nothing(
     if case.tamper is not None:
         case.tamper(work)
     monkeypatch.chdir(work)  # a default runs/ folder would appear here
+    for key, value in (case.env or {}).items():
+        monkeypatch.setenv(key, value)
     before = _snapshot(work)
     paths = {"run": work / "run", "export": work / "export", "work": work}
     argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in case.argv]

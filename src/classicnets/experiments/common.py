@@ -439,6 +439,7 @@ def run_experiment(
     config = apply_overrides(config, list(overrides or []))
     device = resolve_device(device)
     ctx = init_from_env(device)  # torchrun: one process per device; else a no-op
+    jobs = resolve_jobs(config.jobs, len(config.variants), ctx.device)  # before any file
     finished = False
     try:
         with contextlib.ExitStack() as stack:
@@ -450,7 +451,7 @@ def run_experiment(
             record = config_to_dict(config)
             run.write_config(name, {**record, "_quick": quick, "_device": device})
             try:
-                summary = run_lifecycle(experiment, config, run, ctx.device, resume=False)
+                summary = run_lifecycle(experiment, config, run, ctx.device, False, jobs)
             except Exception as exc:
                 if ctx.is_main:
                     _record_divergence(run, exc)
@@ -462,18 +463,20 @@ def run_experiment(
     return run.path, summary
 
 
-def run_lifecycle(experiment: Experiment, config, run: RunDir, device: str, resume: bool) -> dict:
+def run_lifecycle(
+    experiment: Experiment, config, run: RunDir, device: str, resume: bool, jobs: int = 1
+) -> dict:
     """What every experiment's run does around its own work, once, in order: keep counting the
     wall time of earlier sessions, choose deterministic kernels, let the experiment train
-    (``experiment.run``), then on the writing process draw its ``plots``, and write
-    ``summary.json`` and ``report.html``. ``config`` is already checked: ``apply_overrides`` and
-    ``config_from_dict`` validate every config they make."""
+    (``experiment.run``, its variants ``jobs`` at a time: ``resolve_jobs``), then on the writing
+    process draw its ``plots``, and write ``summary.json`` and ``report.html``. ``config`` is
+    already checked: ``apply_overrides`` and ``config_from_dict`` validate every config they
+    make."""
     from classicnets.train.settings import set_deterministic
 
     start = time.perf_counter()  # the wall time of earlier sessions is in their summary
     earlier = run.read_summary().get("wall_time_s", 0.0) if resume else 0.0
     set_deterministic(config.deterministic)
-    jobs = resolve_jobs(config.jobs, len(config.variants), device)
     summary = experiment.run(config, Job(run, device, resume, jobs))
     if run.writer and experiment.plots:  # rank 0 of a torchrun job
         from classicnets.report.curves import plot_curves
@@ -542,6 +545,7 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
     experiment, config, run, record = _load(run_dir)
     device = resolve_device(device or record["config"].get("_device", "auto"))
     ctx = init_from_env(device)
+    jobs = resolve_jobs(config.jobs, len(config.variants), ctx.device)
     finished = False
     try:
         with contextlib.ExitStack() as stack:
@@ -549,7 +553,7 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
                 stack.enter_context(hold_run(run.path))
             run.writer = ctx.is_main
             try:
-                summary = run_lifecycle(experiment, config, run, ctx.device, resume=True)
+                summary = run_lifecycle(experiment, config, run, ctx.device, True, jobs)
             except Exception as exc:
                 _record_divergence(run, exc)
                 raise
