@@ -213,9 +213,12 @@ class BatchNorm(nn.Module):
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
-    def _momentum_factor(self) -> float:
-        """The weight of this batch in the running average, counting it (call after increment)."""
-        if self.momentum is None:  # cumulative moving average, as torch.nn.BatchNorm
+    def count_batch(self) -> float:
+        """Count one training batch (``num_batches_tracked``) and return its weight in the
+        running averages: ``momentum``, or for ``momentum=None`` the cumulative average's
+        ``1 / batches``, as ``torch.nn.BatchNorm``."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
@@ -239,8 +242,7 @@ class BatchNorm(nn.Module):
         update = batch_stats and self.track_running_stats
         if update:
             # Inference never reaches here, so no buffer can change outside training.
-            self.num_batches_tracked.add_(1)
-            factor = self._momentum_factor()
+            factor = self.count_batch()
         else:
             factor = 0.0
         if update and not self.unbiased_running_var:
@@ -613,8 +615,7 @@ class SyncBatchNorm(BatchNorm):
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
         if self.track_running_stats:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self._momentum_factor()
+                factor = self.count_batch()
                 n = float(count)
                 batch_var = var.detach() * (n / (n - 1)) if self.unbiased_running_var else var
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
