@@ -11,7 +11,11 @@ number of steps, in the same process, alternating the two loops over several rou
 
 Prints steps per second of each and the ratio ours / baseline (targets: >= 1.5x on CPU,
 >= 10x on a GPU), and, as a ceiling, the rate of the bare training step on one batch gathered
-beforehand: the model's forward, backward and optimizer step with no data path at all.
+beforehand: the model's forward, backward and optimizer step with no data path at all, through
+autograd and ``torch.optim.SGD``. On CPU also the same step written out (``train.mlp_step``,
+what ``train_classifier`` runs for this model, bit-identical to the bare step) and its ratio to
+the bare step (target >= 1.3x at one thread), and as the floor of any step its matrix products
+alone, on the same shapes. Run it with ``OMP_NUM_THREADS=1`` for the one-thread figures.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from classicnets.data.tensors import load_image_data
 from classicnets.experiments.bn_mlp import BNMLPConfig, build_model
 from classicnets.experiments.common import resolve_device
 from classicnets.train.classifier import train_classifier
+from classicnets.train.mlp_step import MLPStep
 from classicnets.train.params import param_groups
 from classicnets.train.settings import TrainSettings, make_optimizer
 
@@ -100,6 +105,44 @@ def bare_step_loop(model, data, steps, lr, device) -> float:
     return time.perf_counter() - start
 
 
+def written_step_loop(model, data, steps, lr, device) -> float:
+    """``bare_step_loop`` with the step of ``train.mlp_step`` (what ``train_classifier`` runs
+    for this model): the same forward, backward and SGD update, written out. CPU only."""
+    settings = TrainSettings(steps=steps, batch_size=60, lr=lr)
+    optimizer = make_optimizer(param_groups(model), settings)
+    step = MLPStep.of(model, optimizer)
+    if step is None:
+        raise SystemExit(f"train.mlp_step does not cover this model on {device}")
+    index = torch.randperm(len(data.train_x), device=device)[:60]
+    xb, yb = data.train_x[index], data.train_y[index]
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(xb, yb)
+    return time.perf_counter() - start
+
+
+def products_loop(model, steps: int) -> float:
+    """The floor of any step: only its matrix products, on the same shapes (batch 60): the
+    forward product of each layer, and in the backward pass each weight's gradient and each
+    hidden layer's input gradient (none for the input images)."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.rand(60, weights[0].shape[1], device=weights[0].device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        inputs = [x]
+        for w in weights:
+            inputs.append(torch.mm(inputs[-1], w.t()))
+        g = inputs.pop()
+        for i in range(len(weights) - 1, -1, -1):
+            torch.mm(g.t(), inputs[i])
+            if i:
+                g = torch.mm(g, weights[i])
+    if weights[0].is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def data_path_ms(train_x_cpu, train_y_cpu, data, batches: int) -> tuple[float, float]:
     """Milliseconds per batch of each loop's data path alone (no model): the DataLoader's
     per-example indexing and collation, against our shuffled index batch and two gathers."""
@@ -148,23 +191,35 @@ def main() -> None:
     baseline_loop(fresh(), cpu_x, cpu_y, 50, config.lr_bn, device)
     our_loop(fresh(), data, 50, config.lr_bn, device)
     bare_step_loop(fresh(), data, 50, config.lr_bn, device)
-    base_times, our_times, bare_times = [], [], []
+    cpu = device == "cpu"
+    if cpu:
+        written_step_loop(fresh(), data, 50, config.lr_bn, device)
+    products_loop(fresh(), 50)
+    times: dict[str, list[float]] = {"base": [], "ours": [], "bare": [], "written": [], "mm": []}
     for _ in range(args.rounds):
-        base_times.append(baseline_loop(fresh(), cpu_x, cpu_y, args.steps, config.lr_bn, device))
-        our_times.append(our_loop(fresh(), data, args.steps, config.lr_bn, device))
-        bare_times.append(bare_step_loop(fresh(), data, args.steps, config.lr_bn, device))
-    base = args.steps / statistics.median(base_times)
-    ours = args.steps / statistics.median(our_times)
-    bare = args.steps / statistics.median(bare_times)
-    print(f"{'loop':<40}{'steps/s':>10}{'ms/step':>10}")
-    for name, rate in (
-        ("baseline (DataLoader, TensorDataset)", base),
-        ("classicnets train_classifier", ours),
-        ("bare step (one batch, no data path)", bare),
+        times["base"].append(baseline_loop(fresh(), cpu_x, cpu_y, args.steps, config.lr_bn, device))
+        times["ours"].append(our_loop(fresh(), data, args.steps, config.lr_bn, device))
+        times["bare"].append(bare_step_loop(fresh(), data, args.steps, config.lr_bn, device))
+        if cpu:
+            times["written"].append(written_step_loop(fresh(), data, args.steps, config.lr_bn,
+                                                      device))  # fmt: skip
+        times["mm"].append(products_loop(fresh(), args.steps))
+    rate = {k: args.steps / statistics.median(v) for k, v in times.items() if v}
+    print(f"{'loop':<48}{'steps/s':>10}{'ms/step':>10}")
+    for key, name in (
+        ("base", "baseline (DataLoader, TensorDataset)"),
+        ("ours", "classicnets train_classifier"),
+        ("bare", "bare step (autograd + SGD, one batch)"),
+        ("written", "written-out step (train.mlp_step, one batch)"),
+        ("mm", "matrix products alone (same shapes)"),
     ):
-        print(f"{name:<40}{rate:>10.0f}{1e3 / rate:>10.3f}")
-    print(f"ratio ours / baseline: {ours / base:.2f}x")
-    print(f"ceiling bare / baseline: {bare / base:.2f}x (no loop over this step can beat it)")
+        if key in rate:
+            print(f"{name:<48}{rate[key]:>10.0f}{1e3 / rate[key]:>10.3f}")
+    print(f"ratio ours / baseline: {rate['ours'] / rate['base']:.2f}x")
+    print(f"ceiling bare / baseline: {rate['bare'] / rate['base']:.2f}x (for autograd's step)")
+    if "written" in rate:
+        print(f"step: written-out / bare {rate['written'] / rate['bare']:.2f}x (target >= 1.3x); "
+              f"products alone / bare {rate['mm'] / rate['bare']:.2f}x (the floor)")  # fmt: skip
     theirs_ms, ours_ms = data_path_ms(cpu_x, cpu_y, data, min(args.steps, 900))
     print(f"data path alone, ms/batch: DataLoader {theirs_ms:.3f}, ours {ours_ms:.3f}")
 

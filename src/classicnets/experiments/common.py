@@ -100,6 +100,7 @@ class TrainingOptions(RunOptions):
     compile: bool = False  # torch.compile the training model
     channels_last: bool = False  # NHWC memory format (convolutional models)
     sync_bn: bool = False  # synchronized BN across torchrun processes
+    mlp_step: bool = True  # MLP classifiers: the written-out step (train.mlp_step), same numbers
 
 
 def settings_for(settings_cls: type, config, **given):

@@ -63,6 +63,8 @@ class TrainSettings(Cadence):
         compile: train through ``torch.compile``.
         channels_last: NHWC memory format (convolutional models).
         sync_bn: synchronized batch normalization under DDP.
+        mlp_step: train an ``MLP`` classifier with the written-out step of ``train.mlp_step``
+            where it applies (the same numbers as autograd and SGD, faster); False: autograd.
         seed: seed of the data order (the caller seeds the initialization).
         eval_batch_size: batch size of evaluation (no effect on the result).
     """
@@ -85,6 +87,7 @@ class TrainSettings(Cadence):
     compile: bool = False
     channels_last: bool = False
     sync_bn: bool = False
+    mlp_step: bool = True
     seed: int = 0
     eval_batch_size: int = 2000
     eval_every: int = 1000  # Cadence's, with the test split's evaluation every 1000 steps
