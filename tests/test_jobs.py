@@ -264,6 +264,11 @@ def test_resolve_jobs(monkeypatch):
     monkeypatch.setenv("CLASSICNETS_JOBS", "2")
     assert resolve_jobs(0, 3, "cpu") == 2
     assert resolve_jobs(1, 3, "cpu") == 1  # the config's own choice wins
+    from classicnets.train import distributed
+
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.DistributedContext(world_size=2))
+    assert resolve_jobs(2, 3, "cpu") == 1  # under torchrun: every process on each variant
+    monkeypatch.undo()
     monkeypatch.setenv("CLASSICNETS_JOBS", "many")
     with pytest.raises(ExperimentError, match="CLASSICNETS_JOBS='many': expected a whole"):
         resolve_jobs(0, 3, "cpu")
