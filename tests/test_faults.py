@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 from classicnets.experiments import run_experiment
 from classicnets.train.checkpoint import list_checkpoints
 from classicnets.train.run import RunDir
+from processes import wait_until
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STEPS = 300
@@ -72,14 +72,7 @@ def _start_and_signal(run_dir, data_root, sig, target, timeout=240):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + timeout
-    while _progress(run_dir) < target:
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before step {target}: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("run too slow")
-        time.sleep(0.02)
+    wait_until(proc, lambda: _progress(run_dir) >= target, f"step {target}", timeout)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from classicnets.experiments.common import ExperimentError, resolve_jobs
 from classicnets.train.jobs import WorkerSpec, run_workers
 from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.run import RunDir
+from processes import wait_until
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 EXPERIMENTS = ["bn-mlp", "conv-ae", "vae", "gan", "resnet-vs-mlp", "rnn-vs-lstm"]
@@ -136,17 +136,6 @@ def _steps(run_dir: Path) -> dict[str, int]:
     return done
 
 
-def _wait_for(proc, run_dir, ready, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not ready(_steps(run_dir)):
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended too early: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the run is too slow")
-        time.sleep(0.01)
-
-
 def _worker_pid(run_dir: Path, variant: str) -> int:
     """The pid of the worker process training ``variant`` of ``run_dir`` (from /proc)."""
     for entry in Path("/proc").iterdir():
@@ -172,7 +161,7 @@ def _resume(run_dir, data_root):
 def test_a_killed_worker_is_resumed_to_the_same_records(tmp_path, data_root, reference):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, data_root)
-    _wait_for(proc, run_dir, lambda done: done.get("bn", 0) >= 100)
+    wait_until(proc, lambda: _steps(run_dir).get("bn", 0) >= 100, "bn's step 100")
     os.kill(_worker_pid(run_dir, "bn"), signal.SIGKILL)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, err
@@ -188,7 +177,12 @@ def test_a_killed_worker_is_resumed_to_the_same_records(tmp_path, data_root, ref
 def test_sigterm_reaches_every_worker_and_resume_finishes(tmp_path, data_root, reference):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, data_root)
-    _wait_for(proc, run_dir, lambda done: min(done.get("plain", 0), done.get("bn", 0)) >= 50)
+
+    def both() -> bool:
+        done = _steps(run_dir)
+        return min(done.get("plain", 0), done.get("bn", 0)) >= 50
+
+    wait_until(proc, both, "step 50 of both variants")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM, err

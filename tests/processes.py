@@ -1,0 +1,24 @@
+"""Waiting on a real ``classicnets`` process until its run folder shows what a test waits for."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+
+def wait_until(
+    proc: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 240
+) -> None:
+    """Poll ``ready()`` until it holds; fail (killing ``proc`` if it is too slow) when ``proc``
+    ends first or ``timeout`` seconds pass. ``what`` names the moment awaited, for the message."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run is too slow to reach {what}")
+        time.sleep(0.01)
