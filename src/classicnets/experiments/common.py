@@ -245,14 +245,15 @@ def resolve_jobs(jobs: int, variants: int, device: str) -> int:
     """How many variants train side by side: ``jobs`` when set (at most one per variant), else
     automatic: ``$CLASSICNETS_JOBS`` when set, else as many as the variants and the CPU
     threads (``torch.get_num_threads``) allow, on CUDA the GPUs; always 1 under torchrun,
-    whose processes train one variant after the other together."""
+    whose processes train one variant after the other together, and where processes have no
+    POSIX process groups to stop together (Windows)."""
     import os
 
     import torch
 
     from classicnets.train.distributed import get_context
 
-    if get_context().enabled or variants < 2:
+    if get_context().enabled or variants < 2 or os.name != "posix":  # workers need process groups
         return 1
     if jobs == 0:
         chosen = os.environ.get("CLASSICNETS_JOBS", "")
