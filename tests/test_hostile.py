@@ -178,6 +178,10 @@ CASES: dict[str, Case] = {
         "CLASSICNETS_JOBS='-2': expected 0 or more",
         env={"CLASSICNETS_JOBS": "-2"},
     ),  # fmt: skip
+    "runs of a missing folder": Case(["runs", "{work}/nothing"], "nothing: no such folder"),
+    "runs of a file": Case(
+        ["runs", "{work}/notes.txt"], "a file, not a folder of runs", _write("notes.txt", "mine")
+    ),  # fmt: skip
     "conv-ae kernel_size=0": Case(
         ["run", "conv-ae", "--quick", "--set", "kernel_size=0"], "kernel_size=0"
     ),

@@ -6,6 +6,7 @@
     classicnets eval RUN_DIR [--device ...]
     classicnets sample RUN_DIR [--n N] [--label K] [--temperature T] [--prompt WORDS]
     classicnets report RUN_DIR [RUN_DIR ...] [-o FILE]
+    classicnets runs [DIR] [--json]                                              (no torch)
     classicnets export RUN_DIR --format onnx|numpy [--fold-bn] [--variant V] [--out DIR]
     classicnets predict BUNDLE INPUT [--top K] [--out PNG] [--label K] [--n N]   (no torch)
     classicnets import-keras FILE --out DIR [--channels-first]
@@ -82,6 +83,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write the HTML report of one or several runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default=None, help="write a combined report to this file")
+
+    p = sub.add_parser(
+        "runs",
+        help="the runs in a folder, one line each: status, main metrics, wall time",
+        description="List the run folders in DIR (default runs/), oldest first: experiment, "
+        "created, status (running, complete, stopped, diverged, failed, damaged), wall time, "
+        "each variant's main metric and the folder. Example: classicnets runs runs/ --json",
+    )
+    p.add_argument("dir", nargs="?", default="runs", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the table as a JSON list")
 
     p = sub.add_parser("export", help="export a run's models: NumPy bundle or ONNX, checked")
     p.add_argument("run_dir")
@@ -278,6 +289,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    import json
+
+    from classicnets.report.runs import format_runs, list_runs
+
+    entries = list_runs(args.dir)
+    if args.json:
+        print(json.dumps([e.as_json() for e in entries], indent=2))
+    else:
+        print(format_runs(entries))
+    return 0
+
+
 def cmd_export(args) -> int:
     from classicnets.experiments.export import export_run
 
@@ -331,6 +355,7 @@ COMMANDS = {
     "resume": cmd_resume,
     "eval": cmd_eval,
     "report": cmd_report,
+    "runs": cmd_runs,
     "sample": cmd_sample,
     "export": cmd_export,
     "predict": cmd_predict,
@@ -343,7 +368,12 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``classicnets`` command; returns the exit code."""
     args = _build_parser().parse_args(argv)
-    known = _predict_errors() if args.command == "predict" else _known_errors()
+    if args.command == "runs":  # reads JSON files only: no torch
+        from classicnets.report.html import ReportError
+
+        known: tuple[type[BaseException], ...] = (ReportError,)
+    else:
+        known = _predict_errors() if args.command == "predict" else _known_errors()
     try:
         return COMMANDS[args.command](args)
     except known as exc:
