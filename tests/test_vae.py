@@ -132,6 +132,9 @@ def test_quick_run_writes_grids_scores_and_report(quick_run):
         row = summary["variants"][variant]
         assert row["steps"] == 2048 // 64 and row["frechet_distance"] > 0
         assert (row["neg_elbo_nats"] is None) == variant.endswith("mse")
+        assert (row["iw_nll_nats"] is None) == variant.endswith("mse")
+        if variant.endswith("bce"):  # 20 importance samples: a tighter bound than the ELBO
+            assert row["iw_nll_nats"] < row["neg_elbo_nats"]
         assert ("label_accuracy" in row) == variant.startswith("cvae")
     record = json.loads((run_dir / "plots" / "samples_cvae-bce.json").read_text())
     assert record["seed"] == 0 and record["labels"] == list(range(10))
@@ -264,3 +267,25 @@ def test_sample_prior_decodes_its_own_seeded_draws():
     assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
     z = torch.randn(3, cvae.latent_size, generator=torch.Generator().manual_seed(9))
     assert torch.equal(images, cvae.generate(z, y))  # the same operations on the same values
+
+
+def test_binarized_mnist_trains_and_tests_on_binary_images(overrides, tmp_path):
+    from classicnets.experiments.vae import VAEConfig, vae_data
+    from classicnets.train.vae import binarize
+
+    grey = torch.rand(500, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    once = binarize(grey, 3)
+    assert torch.equal(once, binarize(grey, 3)) and not torch.equal(once, binarize(grey, 4))
+    assert set(once.unique().tolist()) <= {0.0, 1.0}
+    # Each pixel is 1 with its intensity as probability: over 392,000 draws the mean is within
+    # 6 standard deviations (sqrt(1/4 / n) at most) of the mean intensity.
+    assert abs(once.mean().item() - grey.mean().item()) < 6 * (0.25 / once.numel()) ** 0.5
+    config = VAEConfig.quick()
+    config.data_dir, config.binarize = overrides[0].split("=", 1)[1], True
+    test_x = vae_data(config, "cpu").test_x
+    assert set(test_x.unique().tolist()) == {0.0, 1.0}
+    sets = [*overrides, "binarize=true", "variants=vae-bce", "iw_samples=10"]
+    _, summary = run_experiment("vae", sets, quick=True, device="cpu", out=tmp_path / "run")
+    row = summary["variants"]["vae-bce"]
+    assert row["iw_nll_nats"] < row["neg_elbo_nats"]
+    assert any("binarized MNIST" in note and "k = 10" in note for note in summary["notes"])

@@ -195,6 +195,7 @@ RANGES: dict[str, Range] = {
     "checkpoint_every": NON_NEGATIVE,  # 0: only at the end
     "keep_checkpoints": AT_LEAST_ONE,
     "jobs": NON_NEGATIVE,  # 0: automatic
+    "iw_samples": NON_NEGATIVE,  # 0: no importance-weighted estimate
     **dict.fromkeys(["train_limit", "test_limit", "eval_limit"], AT_LEAST_ONE),
     "monitor_after": NON_NEGATIVE,
     "watch_unit": NON_NEGATIVE,
@@ -216,7 +217,9 @@ RANGES: dict[str, Range] = {
     "real_label": FACTOR,
     "win_fake_below": Range(0, 1, low_open=True, high_open=True),
     "win_loss_below": POSITIVE,
-    **dict.fromkeys(["seed", "eval_seed", "grid_seed", "sample_seed", "score_seed"], SEED),
+    **dict.fromkeys(
+        ["seed", "eval_seed", "grid_seed", "sample_seed", "score_seed", "binarize_seed"], SEED
+    ),
 }
 
 

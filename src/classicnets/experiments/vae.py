@@ -47,12 +47,13 @@ from classicnets.experiments.common import (
 )
 from classicnets.experiments.scorer import scorer_of
 from classicnets.metrics.generative import plot_label_confusion, reference_distances
+from classicnets.metrics.likelihood import bernoulli_vae_nll
 from classicnets.models.mlp import ACTIVATIONS
 from classicnets.models.vae import VAE
 from classicnets.report.curves import Curve
 from classicnets.report.grid import reconstruction_grid
 from classicnets.train.run import RunDir
-from classicnets.train.vae import evaluate_vae, train_vae
+from classicnets.train.vae import binarize, evaluate_vae, train_vae
 
 __all__ = [
     "EXPERIMENT",
@@ -100,6 +101,11 @@ class VAEConfig(TrainingOptions):
     scorer_cache: str | None = None  # cache of the trained scorer; None: RUN_DIR/scoring_classifier
     quick_scorer: bool = False  # train the scorer with the quick recipe (tests)
     test_limit: int | None = None  # evaluate and score on the first N test images only
+    # Binarized MNIST (Burda et al. 2016): training images drawn afresh as binary images at each
+    # step, the test set drawn once with binarize_seed; the likelihood is then a density.
+    binarize: bool = False
+    binarize_seed: int = 0
+    iw_samples: int = 5000  # importance samples per test image for the NLL (0: not estimated)
 
     @classmethod
     def quick(cls) -> VAEConfig:
@@ -117,6 +123,7 @@ class VAEConfig(TrainingOptions):
             grid_columns=6,
             score_samples_per_digit=50,
             quick_scorer=True,
+            iw_samples=20,
         )
 
     VARIANTS: ClassVar[tuple[str, ...]] = VARIANTS  # what config.check_choices admits
@@ -125,6 +132,25 @@ class VAEConfig(TrainingOptions):
     def validate(self) -> None:
         if not self.hidden_sizes:
             raise ValueError("hidden_sizes needs at least one hidden layer")
+
+
+def vae_data(config: VAEConfig, device: str):
+    """The experiment's splits (``image_data_of``), the test images binarized once with
+    ``binarize_seed`` when ``binarize``; the training images are binarized per step."""
+    data = image_data_of(config, device)
+    if config.binarize:
+        data = dataclasses.replace(data, test_x=binarize(data.test_x, config.binarize_seed))
+    return data
+
+
+def iw_nll(config: VAEConfig, model: VAE, variant: str, data) -> dict[str, Any]:
+    """The test NLL in nats with ``iw_samples`` importance samples per image
+    (``metrics.likelihood.bernoulli_vae_nll``), for a cross-entropy variant; else nothing."""
+    if not config.iw_samples or reconstruction_of(variant) != "bce":
+        return {}
+    labels = data.test_y if model.conditional else None
+    found = bernoulli_vae_nll(model, data.test_x, labels, config.iw_samples, config.eval_seed)
+    return {"test_iw_nll": found["nll"]}
 
 
 def is_conditional(variant: str) -> bool:
@@ -160,7 +186,7 @@ def _warmup_epochs(config: VAEConfig, variant: str) -> float:
 def run(config: VAEConfig, job: Job) -> dict:
     """Train the variants, score them, write grids and plots; return the summary."""
     run_dir, device, resume = job.run_dir, job.device, job.resume
-    data = image_data_of(config, device)
+    data = vae_data(config, device)
     steps = _steps(config, len(data.train_x))
     steps_per_epoch = len(data.train_x) // config.batch_size
     settings = train_settings(config, steps=steps, momentum=0.0, nesterov=False)
@@ -169,8 +195,10 @@ def run(config: VAEConfig, job: Job) -> dict:
     def train(variant: str) -> dict:
         model = build_model(config, variant).to(device)
         warmup = round(_warmup_epochs(config, variant) * steps_per_epoch)
+        binarize_seed = config.binarize_seed + 1 if config.binarize else None  # not the test's
         result = train_vae(model, data, settings, run_dir, variant, reconstruction_of(variant),
-                           config.eval_seed, resume=resume, kl_warmup_steps=warmup)  # fmt: skip
+                           config.eval_seed, resume=resume, kl_warmup_steps=warmup,
+                           binarize_seed=binarize_seed)  # fmt: skip
         if result["complete"]:
             models[variant] = model.eval()
         return {**result, "parameters": sum(p.numel() for p in model.parameters())}
@@ -179,6 +207,8 @@ def run(config: VAEConfig, job: Job) -> dict:
     if not models and job.jobs > 1:  # trained in worker processes: their final checkpoints
         done = [v for v, r in results.items() if r["complete"]]
         models = {v: t.model for v, t in load_models(config, run_dir, device).items() if v in done}
+    for variant, model in models.items():
+        results[variant].update(iw_nll(config, model, variant, data))
     complete = len(models) == len(config.variants)
     references: dict[str, float] = {}
     scorer_info: dict[str, Any] = {}
@@ -339,7 +369,16 @@ def _summary(config, results, references, scorer, device, steps) -> dict[str, An
                 accs = ", ".join(f"{d}: {100 * a:.0f}%" for d, a in zip(DIGITS, per_digit))
                 notes.append(f"{variant} label accuracy per digit: {accs}.")
     same = ("test_loss", "test_recon", "test_kl", "frechet_distance", "label_accuracy")
-    fields = {"neg_elbo_nats": "test_neg_elbo", **{k: k for k in same}, "steps": "step",
+    if config.iw_samples:
+        notes.append(
+            f"iw_nll_nats: -log p(x) estimated with k = {config.iw_samples} importance samples "
+            "per test image (Burda et al. 2016), cross-entropy variants"
+            + (f"; binarized MNIST (test set drawn with seed {config.binarize_seed})."
+               if config.binarize else "; on grey levels, where the Bernoulli likelihood is no "
+               "density: not comparable with published binarized-MNIST figures.")
+        )  # fmt: skip
+    fields = {"neg_elbo_nats": "test_neg_elbo", "iw_nll_nats": "test_iw_nll",
+              **{k: k for k in same}, "steps": "step",
               "parameters": "parameters", "train_time_s": "train_time_s"}  # fmt: skip
     title = "vae: VAE and conditional VAE on MNIST, cross-entropy vs squared error"
     summary = summarize(title, config.variants, results, fields, notes)
@@ -402,7 +441,7 @@ def evaluate_trained(config: VAEConfig, run_dir: RunDir, device: str = "cpu") ->
     models = load_models(config, run_dir, device)
     if not models:
         return {}
-    data = image_data_of(config, device)
+    data = vae_data(config, device)
     scorer = scorer_of(config, run_dir, device, "scoring_classifier")
     test_features = scorer.features(data.test_x)
     out = {}

@@ -26,9 +26,16 @@ from classicnets.train.fit import fit
 from classicnets.train.run import RunDir
 from classicnets.train.settings import ClassificationData, EvalHook, SettingsTask, TrainSettings
 
-__all__ = ["VAETask", "evaluate_vae", "evaluation_noise", "train_vae"]
+__all__ = ["VAETask", "binarize", "evaluate_vae", "evaluation_noise", "train_vae"]
 
 _TERMS = ("loss", "recon", "kl")
+
+
+def binarize(x: Tensor, seed: int) -> Tensor:
+    """Binary images drawn with each pixel's intensity as its probability of being 1 (Burda et
+    al. 2016's binarized MNIST), from a generator seeded with ``seed`` on ``x``'s device."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.bernoulli(x, generator=generator)
 
 
 def evaluation_noise(num_examples: int, latent_size: int, seed: int) -> Tensor:
@@ -92,6 +99,7 @@ class VAETask(SettingsTask):
         eval_seed: int,
         eval_hooks: list[EvalHook] | None,
         kl_warmup_steps: int,
+        binarize_seed: int | None = None,
     ) -> None:
         device = data.train_x.device
         super().__init__(model, len(data.train_x), settings, device, eval_hooks,
@@ -100,10 +108,13 @@ class VAETask(SettingsTask):
         self.reconstruction = reconstruction
         self.eval_seed = eval_seed
         self.kl_warmup_steps = kl_warmup_steps
+        self.binarize_seed = binarize_seed
 
     def train_step(self, step: int) -> dict[str, Tensor]:
         index = self.next_batch(step)
         xb = self.data.train_x[index]
+        if self.binarize_seed is not None:  # a fresh binary image each time one is drawn
+            xb = binarize(xb, self.binarize_seed + step)
         yb = self.data.train_y[index] if self.model.conditional else None
         noise = None  # one process: the model draws it from the global generator
         if self.context.enabled:  # the global batch's draws, this process's rows of them
@@ -150,6 +161,7 @@ def train_vae(
     eval_hooks: list[EvalHook] | None = None,
     resume: bool = False,
     kl_warmup_steps: int = 0,
+    binarize_seed: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data.train_x`` (and labels, if conditional), evaluating on the test
     split.
@@ -168,6 +180,9 @@ def train_vae(
             ``1 / kl_warmup_steps`` to 1 over this many steps (KL annealing, Bowman et al. 2016;
             Sonderby et al. 2016), a pure function of the step; 0: weight 1 throughout. The
             logged ``loss`` is always ``recon + kl``.
+        binarize_seed: train on binarized images (``binarize``), each batch drawn afresh with
+            the seed ``binarize_seed + step`` (a pure function of the step: resume stays
+            exact); None: the grey levels.
 
     Returns:
         ``{"step", "complete", "train_time_s", "test_loss", "test_recon", "test_kl"}`` and
@@ -178,5 +193,6 @@ def train_vae(
             before that step, stays intact).
         StopRequested: on SIGINT/SIGTERM, after writing a checkpoint.
     """
-    task = VAETask(model, data, settings, reconstruction, eval_seed, eval_hooks, kl_warmup_steps)
+    task = VAETask(model, data, settings, reconstruction, eval_seed, eval_hooks, kl_warmup_steps,
+                   binarize_seed)  # fmt: skip
     return fit(task, run, variant, resume)
