@@ -201,14 +201,13 @@ def run(config: VAEConfig, job: Job) -> dict:
                            binarize_seed=binarize_seed)  # fmt: skip
         if result["complete"]:
             models[variant] = model.eval()
+            result.update(iw_nll(config, model, variant, data))  # in the variant's worker
         return {**result, "parameters": sum(p.numel() for p in model.parameters())}
 
     results = job.train_variants(config.variants, config.seed, train)
     if not models and job.jobs > 1:  # trained in worker processes: their final checkpoints
         done = [v for v, r in results.items() if r["complete"]]
         models = {v: t.model for v, t in load_models(config, run_dir, device).items() if v in done}
-    for variant, model in models.items():
-        results[variant].update(iw_nll(config, model, variant, data))
     complete = len(models) == len(config.variants)
     references: dict[str, float] = {}
     scorer_info: dict[str, Any] = {}
