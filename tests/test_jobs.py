@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -149,6 +150,15 @@ def _worker_pid(run_dir: Path, variant: str) -> int:
     pytest.fail(f"no worker process of {variant}")
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting for its reaper has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def _resume(run_dir, data_root):
     done = subprocess.run(
         [sys.executable, "-m", "classicnets", "resume", str(run_dir)],
@@ -189,6 +199,29 @@ def test_sigterm_reaches_every_worker_and_resume_finishes(tmp_path, data_root, r
     assert f"continue with: classicnets resume {run_dir}" in err
     done = _steps(run_dir)
     assert 0 < done["plain"] < STEPS and 0 < done["bn"] < STEPS  # both stopped, not finished
+    _resume(run_dir, data_root)
+    assert _records(run_dir) == _records(reference)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds workers in /proc")
+def test_a_killed_run_stops_its_workers_and_resume_finishes(tmp_path, data_root, reference):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, data_root)
+
+    def both() -> bool:
+        done = _steps(run_dir)
+        return min(done.get("plain", 0), done.get("bn", 0)) >= 50
+
+    wait_until(proc, both, "step 50 of both variants")
+    workers = [_worker_pid(run_dir, v) for v in ("plain", "bn")]
+    proc.kill()  # SIGKILL: no chance to hand anything on; each worker gets SIGTERM from Linux
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its run"
+        time.sleep(0.05)
+    done = _steps(run_dir)
+    assert 0 < done["plain"] < STEPS and 0 < done["bn"] < STEPS  # stopped, not trained on
     _resume(run_dir, data_root)
     assert _records(run_dir) == _records(reference)
 
