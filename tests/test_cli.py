@@ -98,3 +98,17 @@ def test_python_m_run_eval_report(tmp_path, data_root):
     )  # fmt: skip
     assert rep.returncode == 0, rep.stderr
     assert combined.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_help_speaks_to_users_with_an_example_for_every_command(capsys):
+    from classicnets.cli import _COMMANDS, _build_parser
+
+    parser = _build_parser()
+    top = parser.format_help()
+    assert "start here:" in top and "classicnets run bn-mlp --quick" in top
+    assert "parses, calls library functions" not in top  # not the module docstring
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps them here
+    assert set(commands) == set(_COMMANDS)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "example:\n  classicnets " + name in text, name

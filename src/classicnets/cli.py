@@ -41,13 +41,24 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     from classicnets import __version__
 
-    parser = _Parser(prog="classicnets", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="classicnets",
+        description=_ABOUT,
+        epilog=_START,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"classicnets {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="COMMAND")  # fmt: skip
 
-    sub.add_parser("list", help="experiments and models, one line each")
+    def command(name: str, help: str):  # every subcommand: a line, a description, an example
+        what, example = _COMMANDS[name]
+        return sub.add_parser(name, help=help, description=f"{what}\n\nexample:\n  {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
 
-    p = sub.add_parser("run", help="run an experiment into a new run folder")
+    command("list", help="experiments and models, one line each")
+
+    p = command("run", help="run an experiment into a new run folder")
     p.add_argument("experiment", help="experiment name (see 'classicnets list')")
     p.add_argument(
         "--set",
@@ -61,15 +72,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--out", default=None, help="run folder (default runs/<experiment>-<time>)")
 
-    p = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
+    p = command("resume", help="continue a stopped run from its last checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--device", default=None, help="default: the device the run was started on")
 
-    p = sub.add_parser("eval", help="metrics of a run's trained models on the test split")
+    p = command("eval", help="metrics of a run's trained models on the test split")
     p.add_argument("run_dir")
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("sample", help="generative models: an image grid; language models: text")
+    p = command("sample", help="generative models: an image grid; language models: text")
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--label", type=int, default=None, help="class to generate (conditional)")
@@ -80,28 +91,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write an image grid")
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("report", help="(re)write the HTML report of one or several runs")
+    p = command("report", help="(re)write the HTML report of one or several runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default=None, help="write a combined report to this file")
 
-    p = sub.add_parser(
-        "runs",
-        help="the runs in a folder, one line each: status, main metrics, wall time",
-        description="List the run folders in DIR (default runs/), oldest first: experiment, "
-        "created, status (running, complete, stopped, diverged, failed, damaged), wall time, "
-        "each variant's main metric and the folder. Example: classicnets runs runs/ --json",
-    )
+    p = command("runs", help="the runs in a folder, one line each: status, main metrics, wall time")
     p.add_argument("dir", nargs="?", default="runs", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the table as a JSON list")
 
-    p = sub.add_parser("export", help="export a run's models: NumPy bundle or ONNX, checked")
+    p = command("export", help="export a run's models: NumPy bundle or ONNX, checked")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=("numpy", "onnx"))
     p.add_argument("--fold-bn", action="store_true", help="fold BN into the preceding layer")
     p.add_argument("--variant", default=None, help="which model of the run (default: all)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
 
-    p = sub.add_parser("predict", help="run an exported NumPy bundle (imports no torch)")
+    p = command("predict", help="run an exported NumPy bundle (imports no torch)")
     p.add_argument("bundle", help="bundle folder (or its manifest.json)")
     p.add_argument("input", help="PNG/.npy image, text or .txt file, or a generator's seed")
     p.add_argument("--top", type=int, default=5, help="classes or next words to list")
@@ -109,26 +114,76 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, default=None, help="class for conditional models")
     p.add_argument("--n", type=int, default=None, help="generators: images to draw")
 
-    p = sub.add_parser(
-        "import-keras", help="a Keras .keras/.h5 model as a classicnets model folder"
-    )
+    p = command("import-keras", help="a Keras .keras/.h5 model as a classicnets model folder")
     p.add_argument("file", help="the Keras model file (.keras archive or legacy .h5)")
     p.add_argument("--out", required=True, help="the model folder to write (new or empty)")
     p.add_argument("--channels-first", action="store_true", help="take NCHW images, not NHWC")
 
-    p = sub.add_parser("bn-check", help="the BN doctor: running statistics against the data")
+    p = command("bn-check", help="the BN doctor: running statistics against the data")
     p.add_argument("path", help="a run folder or a model folder")
     p.add_argument(
         "--inputs", default=None, help=".npy of inputs (default: the run's training data)"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    p = sub.add_parser("recalibrate", help="precise BN statistics as a new checkpoint")
+    p = command("recalibrate", help="precise BN statistics as a new checkpoint")
     p.add_argument("path", help="a run folder or a model folder")
     p.add_argument(
         "--inputs", default=None, help=".npy of inputs (default: the run's training data)"
     )
     return parser
+
+
+_ABOUT = """\
+Train, study and ship the classic deep-learning models: MLPs with and without batch
+normalization, ResNets, convolutional autoencoders, VAEs, GANs and RNN language models, each
+experiment a recipe with documented defaults, a run folder with its metrics, checkpoints, plots
+and an HTML report, resumable after any stop, exportable to ONNX and NumPy."""
+
+_START = """\
+start here:
+  classicnets list                                  the experiments and models
+  classicnets run bn-mlp --quick                    a run of seconds; then open its report.html
+  classicnets run bn-mlp                            the full run (about a minute on 2 cores)
+  classicnets runs                                  what is in runs/
+  classicnets COMMAND --help                        what a command does, with an example"""
+
+# command -> (what it does for its user, an example)
+_COMMANDS = {
+    "list": ("Print the experiments (classicnets run NAME) and the registered models.",
+             "classicnets list"),
+    "run": ("Run an experiment into a new run folder: train every variant, then write the "
+            "summary, the plots\nand report.html. --set changes a config field (checked: a "
+            "misspelled key or a value out of range\nis an error naming it); --quick is the "
+            "few-hundred-step version used by tests and demos.",
+            "classicnets run vae --set epochs=5 --set binarize=true --out runs/vae5"),
+    "resume": ("Continue a run stopped by Ctrl-C, SIGTERM, SIGKILL, stop_after or a crash, "
+               "from its last checkpoint,\nto the same result as an uninterrupted run.",
+               "classicnets resume runs/vae5"),
+    "eval": ("Evaluate the trained models of a run on the test split (newest checkpoint of "
+             "each variant).", "classicnets eval runs/vae5"),
+    "sample": ("Draw from a run's generative models (an image grid, PNG) or language models "
+               "(text).", "classicnets sample runs/gan --label 3 --n 16 --out threes.png"),
+    "report": ("Write a run's report.html again, or one combined report of several runs (-o).",
+               "classicnets report runs/a runs/b -o both.html"),
+    "runs": ("List the run folders in DIR (default runs/), oldest first: experiment, created, "
+             "status (running,\ncomplete, stopped, diverged, failed, damaged), wall time, each "
+             "variant's main metric, folder.", "classicnets runs runs/ --json"),
+    "export": ("Export a run's trained models as a NumPy bundle (runs without torch) or ONNX, "
+               "each checked\nagainst the torch model on the same inputs.",
+               "classicnets export runs/bn-mlp --format numpy --fold-bn"),
+    "predict": ("Run an exported NumPy bundle on an image, a text or a seed; needs NumPy only, "
+                "not torch.", "classicnets predict runs/bn-mlp/export/bn digit.png --top 3"),
+    "import-keras": ("Bring a Keras model (.keras or .h5) over as a classicnets model folder, "
+                     "BN conventions mapped,\nits outputs checked against the file's.",
+                     "classicnets import-keras model.keras --out models/mine"),
+    "bn-check": ("The BN doctor: every BN layer's running statistics against the data it "
+                 "will see; flags layers\nnever updated, stale or dominated by eps.",
+                 "classicnets bn-check runs/bn-mlp --inputs images.npy"),
+    "recalibrate": ("Recompute BN running statistics exactly on data (precise BN) and save "
+                    "them as a new checkpoint,\nthe old one kept.",
+                    "classicnets recalibrate runs/bn-mlp --inputs images.npy"),
+}  # fmt: skip
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
