@@ -10,7 +10,7 @@ DATA ?= $(abspath $(or $(CLASSICNETS_DATA),$(wildcard ../shared/data),$(HOME)/.c
 # CPU build of torch first: an unpinned torch would pull several GB of CUDA packages.
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev,onnx,keras]" -q
+	$(PYTHON) -m pip install -e ".[dev,onnx,keras,tensorboard]" -q
 
 demo:
 	CLASSICNETS_DATA=$(DATA) $(PYTHON) -m classicnets run bn-mlp --quick

@@ -58,6 +58,8 @@ __all__ = [
     "summarize",
     "train_settings",
     "VariantTrained",
+    "attach_tensorboard",
+    "tensorboard_of",
     "resolve_jobs",
 ]
 
@@ -80,6 +82,7 @@ class RunOptions:
     progress: bool = True  # a progress bar per variant
     stop_after: int | None = None  # stop each variant after this many steps (resume demos)
     jobs: int = 0  # variants trained side by side; 0: as many as the cores or GPUs allow
+    tensorboard: bool | None = None  # event files in RUN/tensorboard; None: if it is installed
 
 
 @dataclass
@@ -274,6 +277,33 @@ def resolve_jobs(jobs: int, variants: int, device: str) -> int:
     return max(1, min(jobs, variants))
 
 
+def tensorboard_of(config) -> bool:
+    """Whether a run writes TensorBoard event files: ``config.tensorboard``, or when it is None
+    whether the ``tensorboard`` package is installed. True without the package is an error."""
+    from classicnets.report.tensorboard import available
+
+    if config.tensorboard is None:
+        return available()
+    if config.tensorboard and not available():
+        raise ExperimentError(
+            "tensorboard=true: the tensorboard package is not installed; pip install "
+            "'classicnets[tensorboard]' or set tensorboard=false"
+        )
+    return bool(config.tensorboard)
+
+
+def attach_tensorboard(config, run: RunDir):
+    """A ``report.tensorboard.TensorBoardLog`` observing ``run`` when the run writes event
+    files and this process writes the folder; else None."""
+    if not run.writer or not tensorboard_of(config):
+        return None
+    from classicnets.report.tensorboard import TensorBoardLog
+
+    board = TensorBoardLog(run.path, config_to_dict(config))
+    run.observers.append(board)
+    return board
+
+
 def _train_in_workers(job: Job, variants: list[str]) -> dict[str, dict]:
     import sys
     import tempfile
@@ -442,6 +472,7 @@ def run_experiment(
     device = resolve_device(device)
     ctx = init_from_env(device)  # torchrun: one process per device; else a no-op
     jobs = resolve_jobs(config.jobs, len(config.variants), ctx.device)  # before any file
+    tensorboard_of(config)
     finished = False
     try:
         with contextlib.ExitStack() as stack:
@@ -479,11 +510,18 @@ def run_lifecycle(
     start = time.perf_counter()  # the wall time of earlier sessions is in their summary
     earlier = run.read_summary().get("wall_time_s", 0.0) if resume else 0.0
     set_deterministic(config.deterministic)
-    summary = experiment.run(config, Job(run, device, resume, jobs))
-    if run.writer and experiment.plots:  # rank 0 of a torchrun job
-        from classicnets.report.curves import plot_curves
+    board = attach_tensorboard(config, run)
+    try:
+        summary = experiment.run(config, Job(run, device, resume, jobs))
+        if run.writer and experiment.plots:  # rank 0 of a torchrun job
+            from classicnets.report.curves import plot_curves
 
-        plot_curves(run.plots, run.read_metrics(), experiment.plots, experiment.legend)
+            plot_curves(run.plots, run.read_metrics(), experiment.plots, experiment.legend)
+        if board is not None and run.plots.is_dir():
+            board.grids(run.plots)
+    finally:
+        if board is not None:
+            board.close()
     summary["wall_time_s"] = earlier + time.perf_counter() - start
     run.write_summary(summary)
     if run.writer:
@@ -548,6 +586,7 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
     device = resolve_device(device or record["config"].get("_device", "auto"))
     ctx = init_from_env(device)
     jobs = resolve_jobs(config.jobs, len(config.variants), ctx.device)
+    tensorboard_of(config)
     finished = False
     try:
         with contextlib.ExitStack() as stack:

@@ -17,6 +17,7 @@ import sys
 from classicnets.experiments.common import (
     Job,
     VariantTrained,
+    attach_tensorboard,
     get_experiment,
     run_config,
 )
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> int:
         print(f"{run.config_path}: no variant {variant!r} in {config.variants}", file=sys.stderr)
         return 2
     set_deterministic(config.deterministic)
+    board = attach_tensorboard(config, run)  # this variant's event files, from this process
     try:
         experiment.run(config, Job(run, device, mode == "resume", 1, variant))
     except VariantTrained as done:
@@ -62,6 +64,9 @@ def main(argv: list[str]) -> int:
     except NonFiniteLossError as exc:
         write_result(out, {"diverged": {"message": str(exc), "step": exc.step}})
         return 1
+    finally:
+        if board is not None:
+            board.close()
     print(f"{experiment.name}: run() ended without training {variant!r}", file=sys.stderr)
     return 1
 

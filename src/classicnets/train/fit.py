@@ -291,6 +291,8 @@ def fit(
         with clock.paused():  # training time leaves out every evaluation
             sync_buffers()
             log(task.evaluate(step), step)
+            for observer in run.observers if run is not None and run.writer else ():
+                observer.evaluated(variant, step, task.modules)  # BN statistics, TensorBoard
 
     saved: list[Any] = [-1, None]  # [step, path] of the newest checkpoint
 

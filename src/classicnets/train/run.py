@@ -151,6 +151,9 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, writer: bool = True) -> None:
         self.path = Path(path)
         self.writer = writer
+        # Told of every record and evaluation written here (report.tensorboard.TensorBoardLog):
+        # ``record(record)``, ``evaluated(variant, step, modules)``.
+        self.observers: list[Any] = []
 
     # paths
     @property
@@ -220,13 +223,16 @@ class RunDir:
         if not self.writer:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(_clean(record), default=_json_default) + "\n").encode("utf-8")
+        record = _clean(record)
+        line = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
         with self._metrics_locked():  # one write: side-by-side workers never interleave a line
             fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             try:
                 os.write(fd, line)
             finally:
                 os.close(fd)
+        for observer in self.observers:
+            observer.record(record)
 
     @contextmanager
     def _metrics_locked(self) -> Iterator[None]:
