@@ -128,6 +128,18 @@ def _start(run_dir, data_root):
     )  # fmt: skip
 
 
+def _start_both_to_step_50(run_dir: Path, data_root):
+    """A jobs=2 run started, once both of its variants have logged step 50."""
+    proc = _start(run_dir, data_root)
+
+    def both() -> bool:
+        done = _steps(run_dir)
+        return min(done.get("plain", 0), done.get("bn", 0)) >= 50
+
+    wait_until(proc, both, "step 50 of both variants")
+    return proc
+
+
 def _steps(run_dir: Path) -> dict[str, int]:
     done: dict[str, int] = {}
     if (run_dir / "metrics.jsonl").exists():
@@ -186,13 +198,7 @@ def test_a_killed_worker_is_resumed_to_the_same_records(tmp_path, data_root, ref
 
 def test_sigterm_reaches_every_worker_and_resume_finishes(tmp_path, data_root, reference):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, data_root)
-
-    def both() -> bool:
-        done = _steps(run_dir)
-        return min(done.get("plain", 0), done.get("bn", 0)) >= 50
-
-    wait_until(proc, both, "step 50 of both variants")
+    proc = _start_both_to_step_50(run_dir, data_root)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -206,13 +212,7 @@ def test_sigterm_reaches_every_worker_and_resume_finishes(tmp_path, data_root, r
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds workers in /proc")
 def test_a_killed_run_stops_its_workers_and_resume_finishes(tmp_path, data_root, reference):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, data_root)
-
-    def both() -> bool:
-        done = _steps(run_dir)
-        return min(done.get("plain", 0), done.get("bn", 0)) >= 50
-
-    wait_until(proc, both, "step 50 of both variants")
+    proc = _start_both_to_step_50(run_dir, data_root)
     workers = [_worker_pid(run_dir, v) for v in ("plain", "bn")]
     proc.kill()  # SIGKILL: no chance to hand anything on; each worker gets SIGTERM from Linux
     proc.communicate(timeout=60)
