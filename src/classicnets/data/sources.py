@@ -254,7 +254,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def _remedy(folder: Path, name: str) -> str:
     return (
         f"To fix: delete {folder / name} so that it is downloaded again, or put the official "
-        f"{name} in {folder}, or point {ENV_VAR} (or --data-dir) at a data root whose "
+        f"{name} in {folder}, or point {ENV_VAR} (or --set data_dir=DIR) at a data root whose "
         f"'{folder.name}/' folder holds the verified files."
     )
 
@@ -344,7 +344,7 @@ def _download(
         f"could not download {file.name} of dataset {spec.name!r} (expected {file.size} bytes, "
         f"sha256 {file.sha256}); tried:\n{tried}\n"
         f"To supply it by hand: put the official {file.name} in {dest.parent}, or set "
-        f"{ENV_VAR} (or --data-dir) to a data root whose '{spec.subdir}/' folder holds it."
+        f"{ENV_VAR} (or --set data_dir=DIR) to a data root whose '{spec.subdir}/' folder holds it."
     )
 
 
@@ -393,7 +393,7 @@ def fetch(
             raise DataError(
                 f"{path} is missing (expected {file.size} bytes, sha256 {file.sha256}) and "
                 f"downloading is off. Put the official {file.name} in {folder}, set {ENV_VAR} "
-                f"(or --data-dir) to a data root whose '{spec.subdir}/' folder holds it, or "
-                f"allow downloading."
+                f"(or --set data_dir=DIR) to a data root whose '{spec.subdir}/' folder holds "
+                f"it, or allow downloading."
             )
     return folder
