@@ -448,3 +448,12 @@ def test_html_side_imports_neither_torch_nor_matplotlib() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_missing_fonts_do_not_fill_the_console():
+    import logging
+
+    import classicnets.report.plots  # noqa: F401
+
+    # matplotlib warns once per missing TeX/STIX family before falling back to DejaVu Sans.
+    assert logging.getLogger("matplotlib.font_manager").getEffectiveLevel() >= logging.ERROR

@@ -26,6 +26,7 @@ Example, the three panels of Ioffe & Szegedy 2015, Figure 1::
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import sys
@@ -38,6 +39,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from classicnets.files import atomic_write_bytes
+
+# A machine without TeX's or STIX's fonts gets a "findfont: Font family ... not found. Falling
+# back to DejaVu Sans." warning for each missing family, a score of lines on every run's
+# console; the fallback is what the figures use anyway.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 __all__ = [
     "DPI",
