@@ -112,7 +112,7 @@ def bernoulli_vae_nll(
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].reshape(-1, _pixels(x))
+        xb = x[start : start + batch_size].flatten(1)  # (n, pixels)
         yb = None if y is None else y[start : start + batch_size]
 
         def encode(images, yb=yb):
@@ -129,7 +129,3 @@ def bernoulli_vae_nll(
         total -= log_px.sum().item()
     model.train(was_training)
     return {"nll": total / len(x), "k": k}
-
-
-def _pixels(x: Tensor) -> int:
-    return math.prod(x.shape[1:])

@@ -47,7 +47,9 @@ class TensorBoardLog:
         self.config = config
         self._writers: dict[str, Any] = {}
 
-    def _writer(self, variant: str, step: int):
+    def _writer(self, variant: str, step: int | None):
+        """The variant's writer, opened at the first ``step`` this session logs for it (None:
+        for images after training, which purge nothing)."""
         writer = self._writers.get(variant)
         if writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -112,7 +114,7 @@ class TensorBoardLog:
             step = record.get("step")
             step = int(step) if isinstance(step, int | float) and math.isfinite(step) else 0
             image = np.asarray(Image.open(png).convert("RGB"))
-            writer = self._writers.get(variant) or self._image_writer(variant)
+            writer = self._writer(variant, None)
             writer.add_image(f"grid/{png.stem}", image, step, dataformats="HWC")
             writer.flush()
             written.append(name)
@@ -121,13 +123,6 @@ class TensorBoardLog:
 
             atomic_write_text(done_path, json.dumps(sorted(done | set(written))))
         return written
-
-    def _image_writer(self, variant: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(self.root / variant), flush_secs=5)  # appends: no purge
-        self._writers[variant] = writer
-        return writer
 
     def close(self) -> None:
         for writer in self._writers.values():

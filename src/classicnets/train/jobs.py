@@ -228,8 +228,9 @@ def die_with_parent() -> None:
 def write_result(path: str | os.PathLike, result: dict[str, Any]) -> None:
     """A worker's JSON result, written atomically (a reader never sees half of it)."""
     from classicnets.files import atomic_write_text
+    from classicnets.train.run import json_default
 
-    atomic_write_text(path, json.dumps(result, allow_nan=True, default=_json_default))
+    atomic_write_text(path, json.dumps(result, allow_nan=True, default=json_default))
 
 
 def read_result(spec: WorkerSpec) -> dict[str, Any] | None:
@@ -239,11 +240,3 @@ def read_result(spec: WorkerSpec) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):  # NumPy arrays and scalars, tensors
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"a worker's result holds a {type(value).__name__}, which JSON cannot hold")

@@ -64,7 +64,12 @@ class MLPStep:
             norm = getattr(block, "norm", None)
             forward, backward = _ACTIVATIONS[type(block.act)]
             self.blocks.append((block.linear, norm, forward, backward))
-        self.modules = list(model.modules())
+        # Every hook registry that could hold a hook the written-out step would skip; torch adds
+        # and removes hooks in these dicts in place, so they are looked up once.
+        from torch.nn.modules import module as registry  # where torch keeps global hooks
+
+        self._hooks = [getattr(registry, name) for name in _GLOBAL_HOOKS if hasattr(registry, name)]
+        self._hooks += [getattr(m, name) for m in model.modules() for name in _MODULE_HOOKS]
         self._one = torch.ones(())  # d loss / d loss, as autograd seeds the backward pass
 
     @classmethod
@@ -104,13 +109,7 @@ class MLPStep:
     def applies(self) -> bool:
         """Whether this step equals autograd's now: training mode and no hooks that the
         written-out step would not run."""
-        from torch.nn.modules import module as registry  # where torch keeps global hooks
-
-        if not self.model.training:
-            return False
-        if any(getattr(registry, name, None) for name in _GLOBAL_HOOKS):
-            return False
-        return not any(getattr(m, name) for m in self.modules for name in _MODULE_HOOKS)
+        return self.model.training and not any(self._hooks)
 
     @torch.no_grad()
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -40,13 +40,13 @@ class RunError(ValueError):
     """A run folder is missing or unreadable."""
 
 
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
+def json_default(value):
+    """``json.dumps``'s ``default`` for what records and results hold beyond JSON: NumPy arrays
+    and scalars and tensors (as lists or numbers), paths (as strings)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
@@ -191,7 +191,7 @@ class RunDir:
             "classicnets_version": __version__,
             "torch_version": torch.__version__,
         }
-        atomic_write_text(self.config_path, json.dumps(record, indent=2, default=_json_default))
+        atomic_write_text(self.config_path, json.dumps(record, indent=2, default=json_default))
 
     def read_config(self) -> dict[str, Any]:
         if self.path.exists() and not self.path.is_dir():
@@ -224,7 +224,7 @@ class RunDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         record = _clean(record)
-        line = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
+        line = (json.dumps(record, default=json_default) + "\n").encode("utf-8")
         with self._metrics_locked():  # one write: side-by-side workers never interleave a line
             fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             try:
@@ -315,7 +315,7 @@ class RunDir:
             return
         with self._metrics_locked():
             kept = [r for r in self.read_metrics() if keep(r)]
-            text = "".join(json.dumps(r, default=_json_default) + "\n" for r in kept)
+            text = "".join(json.dumps(r, default=json_default) + "\n" for r in kept)
             atomic_write_text(self.metrics_path, text)
 
     # summary
@@ -323,7 +323,7 @@ class RunDir:
         if not self.writer:
             return
         atomic_write_text(
-            self.summary_path, json.dumps(_clean(summary), indent=2, default=_json_default)
+            self.summary_path, json.dumps(_clean(summary), indent=2, default=json_default)
         )
 
     def read_summary(self) -> dict[str, Any]:
