@@ -178,6 +178,17 @@ CASES: dict[str, Case] = {
         "CLASSICNETS_JOBS='-2': expected 0 or more",
         env={"CLASSICNETS_JOBS": "-2"},
     ),  # fmt: skip
+    "vae iw_samples=-1": Case(["run", "vae", "--quick", "--set", "iw_samples=-1"], "iw_samples=-1"),
+    "vae binarize=maybe": Case(
+        ["run", "vae", "--quick", "--set", "binarize=maybe"], "binarize='maybe': expected a boolean"
+    ),
+    "vae binarize_seed=-1": Case(
+        ["run", "vae", "--quick", "--set", "binarize_seed=-1"], "binarize_seed=-1"
+    ),
+    "mlp_step=maybe": Case([*RUN, "--set", "mlp_step=maybe"], "mlp_step='maybe': expected a"),
+    "tensorboard=maybe": Case(
+        [*RUN, "--set", "tensorboard=maybe"], "tensorboard='maybe': expected bool or none"
+    ),
     "runs of a missing folder": Case(["runs", "{work}/nothing"], "nothing: no such folder"),
     "runs of a file": Case(
         ["runs", "{work}/notes.txt"], "a file, not a folder of runs", _write("notes.txt", "mine")
