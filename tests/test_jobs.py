@@ -266,6 +266,19 @@ def test_run_workers_reports_a_crash_and_a_kill_without_a_result(tmp_path):
     assert killed.result is None and killed.describe() == "was killed by SIGKILL"
 
 
+def test_a_signal_starts_no_further_worker_and_run_workers_returns(tmp_path):
+    # The first worker sends this process SIGTERM: it is handed on to that worker (which dies
+    # of it), and the two still waiting are never started; run_workers returns, not waits.
+    code = "import os, signal, time; os.kill(os.getppid(), signal.SIGTERM); time.sleep(30)"
+    specs = [WorkerSpec(f"w{i}", _python(code), tmp_path / f"{i}.json") for i in range(3)]
+    started = time.monotonic()
+    outcomes = run_workers(specs, jobs=1)
+    assert time.monotonic() - started < 20
+    assert outcomes[0].describe() == "was killed by SIGTERM"
+    assert [o.returncode for o in outcomes[1:]] == [None, None]
+    assert outcomes[1].describe() == "was not started (the run was stopped first)"
+
+
 def test_workers_report_progress_to_the_parent(tmp_path, capfd):
     code = (
         "from classicnets.train.jobs import progress_to_parent\n"

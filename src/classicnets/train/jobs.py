@@ -69,11 +69,14 @@ class WorkerSpec:
 @dataclass
 class WorkerOutcome:
     """How a worker ended: its exit code (negative: killed by that signal; None: never
-    started, because the run was stopped first) and its JSON result, if it wrote one."""
+    started, because the run was stopped first), its JSON result, if it wrote one, and when it
+    started and ended (``time.monotonic()``; None for one never started)."""
 
     name: str
     returncode: int | None
     result: dict[str, Any] | None
+    started: float | None = None
+    ended: float | None = None
 
     def describe(self) -> str:
         if self.returncode is None:
@@ -93,6 +96,7 @@ def run_workers(specs: list[WorkerSpec], jobs: int) -> list[WorkerOutcome]:
         raise ValueError(f"jobs={jobs}: expected at least 1")
     pending = list(enumerate(specs))
     running: dict[int, tuple[subprocess.Popen, threading.Thread]] = {}
+    started: dict[int, float] = {}
     outcomes: dict[int, WorkerOutcome] = {}
     received: list[int] = []
     slots = list(range(jobs))  # progress-bar rows free for the next worker
@@ -104,9 +108,10 @@ def run_workers(specs: list[WorkerSpec], jobs: int) -> list[WorkerOutcome]:
                 os.killpg(process.pid, signum)
 
     with _signals_forwarded(forward):
-        while pending or running:
+        while running or (pending and not received):  # after a signal, no new one starts
             while pending and len(running) < jobs and not received:
                 index, spec = pending.pop(0)
+                started[index] = time.monotonic()
                 running[index] = _start(spec, slots.pop(0))
             time.sleep(0.02)
             for index in [i for i, (p, _) in running.items() if p.poll() is not None]:
@@ -114,7 +119,8 @@ def run_workers(specs: list[WorkerSpec], jobs: int) -> list[WorkerOutcome]:
                 reader.join()
                 slots.append(reader.slot)  # type: ignore[attr-defined]
                 spec = specs[index]
-                outcomes[index] = WorkerOutcome(spec.name, process.returncode, read_result(spec))
+                outcomes[index] = WorkerOutcome(spec.name, process.returncode, read_result(spec),
+                                                started[index], time.monotonic())  # fmt: skip
         for index, spec in pending:
             outcomes[index] = WorkerOutcome(spec.name, None, None)
     return [outcomes[i] for i in range(len(specs))]
