@@ -137,6 +137,7 @@ class Case:
 
 
 RUN = ["run", "bn-mlp", "--quick", "--device", "cpu"]
+SWEEP = ["sweep", "bn-mlp", "--quick", "--device", "cpu"]
 KERAS_FIXTURE = str(Path(__file__).resolve().parent / "keras_fixtures" / "dense.keras")
 BUNDLE = "{work}/export/bn"
 
@@ -252,6 +253,110 @@ CASES: dict[str, Case] = {
     "resume of a folder that is no run": Case(
         ["resume", "{work}/mine"], "is not a run folder", _write("mine/a.txt", "x")
     ),
+    # ---- sweep, its folder and the comparison report
+    "sweep --grid without values": Case([*SWEEP, "--grid", "lr_bn"], "--grid expects key=v1,v2"),
+    "sweep --grid an empty value": Case([*SWEEP, "--grid", "lr_bn=0.1,"], "an empty value"),
+    "sweep --grid a value twice": Case([*SWEEP, "--grid", "lr_bn=1,1"], "lr_bn: 1 given twice"),
+    "sweep --grid a key twice": Case(
+        [*SWEEP, "--grid", "lr_bn=1,2", "--grid", "lr_bn=3"], "lr_bn is given twice"
+    ),
+    "sweep --grid an unknown key": Case([*SWEEP, "--grid", "nope=1,2"], "unknown config key"),
+    "sweep --grid a value of the wrong type": Case(
+        [*SWEEP, "--grid", "lr_bn=0.1,fast"], "grid point lr_bn=fast: lr_bn='fast'"
+    ),
+    "sweep --grid a value out of range": Case(
+        [*SWEEP, "--grid", "lr_bn=0.1,-1"], "lr_bn=-1.0: expected a finite number > 0"
+    ),
+    "sweep --grid jobs": Case([*SWEEP, "--grid", "jobs=1,2"], "use --jobs N"),
+    "sweep --grid and --set of one key": Case(
+        [*SWEEP, "--grid", "lr_bn=1,2", "--set", "lr_bn=3"], "--grid lr_bn and --set lr_bn"
+    ),
+    "sweep of one point": Case([*SWEEP, "--grid", "lr_bn=1"], "at least two points"),
+    "sweep without --grid": Case(SWEEP, "at least one --grid"),
+    "sweep of a grid too large": Case(
+        [
+            *SWEEP,
+            "--grid",
+            "seed=" + ",".join(map(str, range(40))),
+            "--grid",
+            "lr_bn=" + ",".join(str(i + 1) for i in range(30)),
+        ],
+        "1,200 points",
+    ),  # fmt: skip
+    "sweep --jobs -1": Case([*SWEEP, "--grid", "lr_bn=1,2", "--jobs", "-1"], "--jobs -1"),
+    "sweep --jobs two": Case([*SWEEP, "--grid", "lr_bn=1,2", "--jobs", "two"], "--jobs"),
+    "sweep of an unknown experiment": Case(
+        ["sweep", "bn-cnn", "--grid", "lr=1,2"], "unknown experiment 'bn-cnn'"
+    ),
+    "sweep under torchrun": Case(
+        [*SWEEP, "--grid", "lr_bn=1,2"], "not under torchrun", env={"WORLD_SIZE": "2"}
+    ),
+    "report of a sweep whose sweep.json is damaged": Case(
+        ["report", "{work}/sweep"], "sweep.json: cannot read", _write("sweep/sweep.json", "[")
+    ),
+    "sweep --out an existing run": Case(
+        [*SWEEP, "--grid", "lr_bn=1,2", "--out", "{run}"], "already holds a run"
+    ),
+    "sweep --out a file": Case(
+        [*SWEEP, "--grid", "lr_bn=1,2", "--out", "{work}/notes.txt"],
+        "is a file, not a folder",
+        _write("notes.txt", "mine"),
+    ),  # fmt: skip
+    "sweep without its data leaves no folder": Case(
+        [
+            *SWEEP,
+            "--grid",
+            "lr_bn=1,2",
+            "--out",
+            "{work}/new",
+            "--set",
+            "data_dir={work}/nodata",
+            "--set",
+            "download=false",
+        ],
+        "nodata",
+    ),  # fmt: skip
+    "resume of a sweep.json not JSON": Case(
+        ["resume", "{work}/sweep"], "sweep.json: cannot read", _write("sweep/sweep.json", "{")
+    ),
+    "resume of a sweep.json of another format": Case(
+        ["resume", "{work}/sweep"], "format 1", _write("sweep/sweep.json", '{"format": 9}')
+    ),
+    "resume of a sweep whose points leave its folder": Case(
+        ["resume", "{work}/sweep"],
+        "its points are not those of its grid",
+        _write(
+            "sweep/sweep.json",
+            json.dumps(
+                {
+                    "format": 1,
+                    "experiment": "bn-mlp",
+                    "grid": [["lr_bn", ["1", "2"]]],
+                    "sets": [],
+                    "quick": True,
+                    "device": "cpu",
+                    "jobs": 0,
+                    "points": [{"name": "../run"}, {"name": "1-lr_bn=2"}],
+                }
+            ),
+        ),
+    ),  # fmt: skip
+    "report --compare without -o": Case(
+        ["report", "{run}", "{run}", "--compare"], "--compare needs -o FILE"
+    ),
+    "report --compare of one run": Case(
+        ["report", "{run}", "--compare", "-o", "{work}/c.html"], "at least two run folders"
+    ),
+    "report --compare of a folder that is no run": Case(
+        ["report", "{run}", "{work}/mine", "--compare", "-o", "{work}/c.html"],
+        "is not a run folder",
+        _write("mine/a.txt", "x"),
+    ),  # fmt: skip
+    "report --compare of two experiments": Case(
+        ["report", "{run}", "{work}/vae", "--compare", "-o", "{work}/c.html"],
+        "runs of different experiments",
+        _write("vae/config.json", '{"experiment": "vae", "config": {}}'),
+    ),  # fmt: skip
     # ---- sample
     "sample --n -5": Case(["sample", "{run}", "--n", "-5"], "--n must be in [1, 10000], got -5"),
     "sample --n 100000000": Case(["sample", "{run}", "--n", "100000000"], "got 100000000"),

@@ -2,10 +2,11 @@
 
     classicnets list
     classicnets run EXPERIMENT [--set key=value ...] [--quick] [--device auto|cpu|cuda] [--out DIR]
-    classicnets resume RUN_DIR [--device ...]
+    classicnets sweep EXPERIMENT --grid key=v1,v2 [--grid ...] [--set ...] [--quick] [--jobs N]
+    classicnets resume RUN_DIR|SWEEP_DIR [--device ...]
     classicnets eval RUN_DIR [--device ...]
     classicnets sample RUN_DIR [--n N] [--label K] [--temperature T] [--prompt WORDS]
-    classicnets report RUN_DIR [RUN_DIR ...] [-o FILE]
+    classicnets report RUN_DIR [RUN_DIR ...] [-o FILE] [--compare]
     classicnets runs [DIR] [--json]                                              (no torch)
     classicnets export RUN_DIR --format onnx|numpy [--fold-bn] [--variant V] [--out DIR]
     classicnets predict BUNDLE INPUT [--top K] [--out PNG] [--label K] [--n N]   (no torch)
@@ -72,7 +73,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--out", default=None, help="run folder (default runs/<experiment>-<time>)")
 
-    p = command("resume", help="continue a stopped run from its last checkpoint")
+    p = command("sweep", help="an experiment at every point of a grid, compared in one report")
+    p.add_argument("experiment", help="experiment name (see 'classicnets list')")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a config field and its values (repeatable: the points are every combination)",
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field at every point (repeatable)")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="quick runs at every point")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--out", default=None, help="sweep folder (default runs/sweep-<name>-<time>)")
+    p.add_argument("--jobs", type=int, default=0, help="workers side by side (0: automatic)")
+
+    p = command("resume", help="continue a stopped run or sweep from its last checkpoints")
     p.add_argument("run_dir")
     p.add_argument("--device", default=None, help="default: the device the run was started on")
 
@@ -94,6 +111,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = command("report", help="(re)write the HTML report of one or several runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--output", default=None, help="write a combined report to this file")
+    p.add_argument("--compare", action="store_true",
+                   help="runs of one experiment side by side: table, overlaid curves")  # fmt: skip
 
     p = command("runs", help="the runs in a folder, one line each: status, main metrics, wall time")
     p.add_argument("dir", nargs="?", default="runs", metavar="DIR")
@@ -145,6 +164,7 @@ start here:
   classicnets list                                  the experiments and models
   classicnets run bn-mlp --quick                    a run of seconds; then open its report.html
   classicnets run bn-mlp                            the full run (about a minute on 2 cores)
+  classicnets sweep bn-mlp --grid lr_bn=0.1,0.5     one run per value, compared in one report
   classicnets runs                                  what is in runs/
   classicnets COMMAND --help                        what a command does, with an example"""
 
@@ -157,15 +177,26 @@ _COMMANDS = {
             "misspelled key or a value out of range\nis an error naming it); --quick is the "
             "few-hundred-step version used by tests and demos.",
             "classicnets run vae --set epochs=5 --set binarize=true --out runs/vae5"),
+    "sweep": ("Run an experiment at every point of a grid into one sweep folder: a run folder "
+              "per point, every\nvariant of every point a worker of its own (as many side by "
+              "side as the machine allows),\nthen report.html: a table of the points (the "
+              "differing values, final metrics, wall time, the\nbest marked) and the curves "
+              "overlaid, a line per point. Values of a list-valued key are JSON\nlists: "
+              "--grid widths=[64,64],[128,128]. Resume a stopped sweep with classicnets resume.",
+              "classicnets sweep bn-mlp --grid lr_bn=0.1,0.5,1 --grid seed=0,1 --quick"),
     "resume": ("Continue a run stopped by Ctrl-C, SIGTERM, SIGKILL, stop_after or a crash, "
-               "from its last checkpoint,\nto the same result as an uninterrupted run.",
-               "classicnets resume runs/vae5"),
+               "from its last checkpoint,\nto the same result as an uninterrupted run; for a "
+               "sweep folder, every point not yet finished.", "classicnets resume runs/vae5"),
     "eval": ("Evaluate the trained models of a run on the test split (newest checkpoint of "
              "each variant).", "classicnets eval runs/vae5"),
     "sample": ("Draw from a run's generative models (an image grid, PNG) or language models "
                "(text).", "classicnets sample runs/gan --label 3 --n 16 --out threes.png"),
-    "report": ("Write a run's report.html again, or one combined report of several runs (-o).",
-               "classicnets report runs/a runs/b -o both.html"),
+    "report": ("Write a run's (or a sweep's) report.html again, or one combined report of "
+               "several runs (-o); "
+               "with --compare,\nruns of one experiment side by side: a table of the config "
+               "values that differ and the final\nmetrics (the best marked), and their curves "
+               "overlaid, a line per run.",
+               "classicnets report runs/a runs/b --compare -o ab.html"),
     "runs": ("List the run folders in DIR (default runs/), oldest first: experiment, created, "
              "status (running,\ncomplete, stopped, diverged, failed, damaged), wall time, each "
              "variant's main metric, folder.", "classicnets runs runs/ --json"),
@@ -264,9 +295,31 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from classicnets.experiments.sweep import run_sweep
+
+    path, points = run_sweep(args.experiment, args.grid, args.overrides, quick=args.quick,
+                             device=args.device, out=args.out, jobs=args.jobs)  # fmt: skip
+    _print_points(path, points)
+    return 0
+
+
+def _print_points(path: Path, points: list[dict]) -> None:
+    for point in points:
+        print(f"{point['name']}: {point['status'] or 'not finished'}")
+        for variant, values in point["variants"].items():
+            print(f"  {variant:<10} {_headline(values)} after {values.get('steps')} steps")
+    print(f"sweep folder: {path}")
+    print(f"report: {path / 'report.html'}")
+
+
 def cmd_resume(args) -> int:
     from classicnets.experiments import resume_experiment
+    from classicnets.experiments.sweep import is_sweep, resume_sweep
 
+    if is_sweep(args.run_dir):
+        _print_points(Path(args.run_dir), resume_sweep(args.run_dir, device=args.device))
+        return 0
     summary = resume_experiment(args.run_dir, device=args.device)
     _print_summary(Path(args.run_dir), summary)
     return 0
@@ -329,11 +382,22 @@ def cmd_sample(args) -> int:
 
 def cmd_report(args) -> int:
     from classicnets.report import write_combined_report, write_report
+    from classicnets.report.html import ReportError
 
+    if args.compare:
+        from classicnets.experiments.sweep import compare_report
+
+        if args.output is None:
+            raise ReportError("--compare needs -o FILE, the page to write")
+        print(f"report: {compare_report(args.run_dirs, args.output)}")
+        return 0
     if args.output is None and len(args.run_dirs) > 1:
-        from classicnets.report.html import ReportError
-
         raise ReportError("several run folders need -o FILE for the combined report")
+    from classicnets.experiments.sweep import is_sweep, write_sweep_report
+
+    if len(args.run_dirs) == 1 and args.output is None and is_sweep(args.run_dirs[0]):
+        print(f"report: {write_sweep_report(args.run_dirs[0], hold=True)}")
+        return 0
     if args.output is None:
         path = write_report(args.run_dirs[0])
     elif len(args.run_dirs) == 1:
@@ -407,6 +471,7 @@ def cmd_recalibrate(args) -> int:
 COMMANDS = {
     "list": cmd_list,
     "run": cmd_run,
+    "sweep": cmd_sweep,
     "resume": cmd_resume,
     "eval": cmd_eval,
     "report": cmd_report,
@@ -473,6 +538,8 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 def _run_dir_of(args, exc) -> str:
+    if exc.resume_path:  # a sweep: resume all of it, not the one point
+        return str(exc.resume_path)
     if exc.checkpoint:  # RUN_DIR/checkpoints/NAME.json
         return str(Path(exc.checkpoint).parent.parent)
     return getattr(args, "run_dir", None) or getattr(args, "out", None) or "RUN_DIR"

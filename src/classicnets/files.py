@@ -23,6 +23,7 @@ from pathlib import Path
 
 __all__ = [
     "LOCK_NAME",
+    "SWEEP_NAME",
     "FolderLockedError",
     "RunLock",
     "atomic_write_bytes",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 LOCK_NAME = "run.lock"
+SWEEP_NAME = "sweep.json"  # what makes a folder a sweep's (experiments.sweep), not a run's
 _TMP_GLOB = ".*.tmp"
 
 try:

@@ -57,8 +57,13 @@ __all__ = [
     "settings_for",
     "summarize",
     "train_settings",
+    "VariantOutcomes",
     "VariantTrained",
+    "VariantsPrepared",
+    "variant_worker",
     "attach_tensorboard",
+    "record_divergence",
+    "remove_if_empty",
     "tensorboard_of",
     "resolve_jobs",
 ]
@@ -192,13 +197,17 @@ class Job:
     """What ``run_lifecycle`` hands an experiment's ``run``: the run folder, the device,
     whether the run resumes from its checkpoints, and how its variants are trained
     (``train_variants``): ``jobs`` worker processes side by side, or, inside one of those
-    workers, only ``variant``."""
+    workers, only ``variant``. A sweep (``experiments.sweep``) trains the variants of all its
+    points in one pool of workers: it first runs ``run`` with ``prepare_only`` (up to the
+    training), then again with the workers' results as ``trained``."""
 
     run_dir: RunDir
     device: str
     resume: bool
     jobs: int = 1
     variant: str | None = None
+    trained: dict[str, dict] | None = None
+    prepare_only: bool = False
 
     def train_variants(
         self, variants, seed: int, train_one: Callable[[str], dict], prepare=None
@@ -215,12 +224,21 @@ class Job:
         scoring classifier). A variant that fails or diverges leaves the others training; then
         the first stop (``StopRequested``), divergence (``NonFiniteLossError``) or failure
         (``WorkerFailed``) is raised, in that order.
+
+        With ``prepare_only``, ``prepare()`` runs and ``VariantsPrepared`` is raised; with
+        ``trained``, its results are returned and nothing trains.
         """
         import torch
 
         if self.variant is not None:  # inside a worker: this variant only, and no more of run
             torch.manual_seed(seed)
             raise VariantTrained(train_one(self.variant))
+        if self.prepare_only:
+            if prepare is not None:
+                prepare()
+            raise VariantsPrepared()
+        if self.trained is not None:
+            return {v: self.trained[v] for v in variants if v in self.trained}
         if self.jobs > 1 and len(variants) > 1:
             if prepare is not None:
                 prepare()
@@ -233,6 +251,10 @@ class Job:
             if status == "stopped":
                 break
         return results
+
+
+class VariantsPrepared(Exception):  # not an error: how a sweep's first pass leaves ``run``
+    """Raised by ``Job.train_variants`` under ``prepare_only``, once ``prepare`` has run."""
 
 
 class VariantTrained(Exception):  # not an error: how a worker leaves ``run`` early
@@ -304,48 +326,97 @@ def attach_tensorboard(config, run: RunDir):
     return board
 
 
-def _train_in_workers(job: Job, variants: list[str]) -> dict[str, dict]:
+def variant_worker(
+    run_dir: RunDir, variant: str, device: str, resume: bool, result_path: Path, threads: int,
+    gpu: int | None = None, name: str | None = None,
+) -> Any:  # fmt: skip
+    """The ``train.jobs.WorkerSpec`` that trains ``variant`` of the run in ``run_dir`` in a
+    process of its own (``experiments.worker``), on ``threads`` threads (and GPU ``gpu``),
+    shown as ``name`` (default: the variant)."""
     import sys
+
+    from classicnets.train.jobs import WorkerSpec
+
+    argv = [sys.executable, "-m", "classicnets.experiments.worker", str(run_dir.path), variant,
+            device, "resume" if resume else "new", str(result_path)]  # fmt: skip
+    env = {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}
+    return WorkerSpec(name or variant, argv, result_path, threads, env)
+
+
+@dataclass
+class VariantOutcomes:
+    """What the workers of one run's variants came to: each finished variant's result, and the
+    stops (``{signal, step, checkpoint}``), divergences (``{message, step}``) and failures (a
+    line each) of the others, and the variants whose worker never started (the run was stopped
+    first)."""
+
+    results: dict[str, dict] = dataclasses.field(default_factory=dict)
+    stopped: list[dict] = dataclasses.field(default_factory=list)
+    diverged: list[dict] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)
+    not_started: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, outcomes) -> VariantOutcomes:
+        """Sort ``train.jobs.WorkerOutcome``s by what each worker wrote."""
+        sorted_ = cls()
+        for outcome in outcomes:
+            found = outcome.result or {}
+            if "result" in found:
+                sorted_.results[outcome.name] = found["result"]
+            elif "stopped" in found:
+                sorted_.stopped.append(found["stopped"])
+            elif "diverged" in found:
+                sorted_.diverged.append(found["diverged"])
+            elif outcome.returncode is None:
+                sorted_.not_started.append(outcome.name)
+            else:
+                sorted_.failed.append(f"variant {outcome.name!r}: its worker {outcome.describe()}")
+        return sorted_
+
+    def raise_first(self, resume_path: Path) -> None:
+        """Raise the first stop (``StopRequested``), divergence (``NonFiniteLossError``) or
+        failure (``WorkerFailed``, naming ``classicnets resume resume_path``), in that order."""
+        from classicnets.train.faults import StopRequested
+        from classicnets.train.jobs import WorkerFailed
+        from classicnets.train.loop import NonFiniteLossError
+
+        if self.stopped:
+            first = self.stopped[0]
+            raise StopRequested(first["signal"], first["step"], first["checkpoint"])
+        if self.diverged:
+            raise NonFiniteLossError(self.diverged[0]["message"], self.diverged[0]["step"])
+        if self.failed:
+            raise WorkerFailed(f"{'; '.join(self.failed)} (resume with: classicnets resume "
+                               f"{resume_path})")  # fmt: skip
+
+
+def _train_in_workers(job: Job, variants: list[str]) -> dict[str, dict]:
     import tempfile
 
     import torch
 
-    from classicnets.train.faults import StopRequested
-    from classicnets.train.jobs import WorkerFailed, WorkerSpec, run_workers
-    from classicnets.train.loop import NonFiniteLossError
+    from classicnets.train.jobs import run_workers
 
     workers = min(job.jobs, len(variants))
     threads = max(1, torch.get_num_threads() // workers)
     gpus = torch.cuda.device_count() if job.device == "cuda" else 0
     with tempfile.TemporaryDirectory(prefix="classicnets-jobs-") as scratch:
-        specs = []
-        for index, variant in enumerate(variants):
-            argv = [sys.executable, "-m", "classicnets.experiments.worker", str(job.run_dir.path),
-                    variant, job.device, "resume" if job.resume else "new"]  # fmt: skip
-            result_path = Path(scratch) / f"{index}.json"
-            env = {"CUDA_VISIBLE_DEVICES": str(index % gpus)} if gpus > 1 else {}
-            specs.append(WorkerSpec(variant, [*argv, str(result_path)], result_path, threads, env))
-        outcomes = run_workers(specs, workers)
-    results, stopped, diverged, failed = {}, [], [], []
-    for outcome in outcomes:
-        found = outcome.result or {}
-        if "result" in found:
-            results[outcome.name] = found["result"]
-        elif "stopped" in found:
-            stopped.append(found["stopped"])
-        elif "diverged" in found:
-            diverged.append(found["diverged"])
-        elif outcome.returncode is not None:
-            failed.append(f"variant {outcome.name!r}: its worker {outcome.describe()}")
-    if stopped:
-        first = stopped[0]
-        raise StopRequested(first["signal"], first["step"], first["checkpoint"])
-    if diverged:
-        raise NonFiniteLossError(diverged[0]["message"], diverged[0]["step"])
-    if failed:
-        raise WorkerFailed("; ".join(failed) + f" (resume with: classicnets resume "
-                           f"{job.run_dir.path})")  # fmt: skip
-    return {v: results[v] for v in variants if v in results}
+        specs = [
+            variant_worker(
+                job.run_dir,
+                variant,
+                job.device,
+                job.resume,
+                Path(scratch) / f"{index}.json",
+                threads,
+                index % gpus if gpus > 1 else None,
+            )  # fmt: skip
+            for index, variant in enumerate(variants)
+        ]
+        found = VariantOutcomes.of(run_workers(specs, workers))
+    found.raise_first(job.run_dir.path)
+    return {v: found.results[v] for v in variants if v in found.results}
 
 
 def summarize(title: str, variants, results: dict, fields, notes: list[str]) -> dict[str, Any]:
@@ -487,8 +558,8 @@ def run_experiment(
                 summary = run_lifecycle(experiment, config, run, ctx.device, False, jobs)
             except Exception as exc:
                 if ctx.is_main:
-                    _record_divergence(run, exc)
-                    _remove_if_empty(run)
+                    record_divergence(run, exc)
+                    remove_if_empty(run)
                 raise
             finished = True
     finally:
@@ -497,14 +568,16 @@ def run_experiment(
 
 
 def run_lifecycle(
-    experiment: Experiment, config, run: RunDir, device: str, resume: bool, jobs: int = 1
-) -> dict:
+    experiment: Experiment, config, run: RunDir, device: str, resume: bool, jobs: int = 1,
+    trained: dict[str, dict] | None = None, trained_s: float = 0.0,
+) -> dict:  # fmt: skip
     """What every experiment's run does around its own work, once, in order: keep counting the
     wall time of earlier sessions, choose deterministic kernels, let the experiment train
     (``experiment.run``, its variants ``jobs`` at a time: ``resolve_jobs``), then on the writing
     process draw its ``plots``, and write ``summary.json`` and ``report.html``. ``config`` is
     already checked: ``apply_overrides`` and ``config_from_dict`` validate every config they
-    make."""
+    make. A sweep passes the results its workers ``trained`` (``Job.trained``), and the
+    ``trained_s`` seconds they took, which count in the wall time."""
     from classicnets.train.settings import set_deterministic
 
     start = time.perf_counter()  # the wall time of earlier sessions is in their summary
@@ -512,7 +585,8 @@ def run_lifecycle(
     set_deterministic(config.deterministic)
     board = attach_tensorboard(config, run)
     try:
-        summary = experiment.run(config, Job(run, device, resume, jobs))
+        job = Job(run, device, resume, jobs, trained=trained)
+        summary = experiment.run(config, job)
         if run.writer and experiment.plots:  # rank 0 of a torchrun job
             from classicnets.report.curves import plot_curves
 
@@ -522,7 +596,7 @@ def run_lifecycle(
     finally:
         if board is not None:
             board.close()
-    summary["wall_time_s"] = earlier + time.perf_counter() - start
+    summary["wall_time_s"] = earlier + trained_s + time.perf_counter() - start
     run.write_summary(summary)
     if run.writer:
         from classicnets.report import write_report
@@ -531,7 +605,7 @@ def run_lifecycle(
     return summary
 
 
-def _record_divergence(run: RunDir, exc: Exception) -> None:
+def record_divergence(run: RunDir, exc: Exception) -> None:
     """A run stopped by a NaN, infinite or exploding loss says so in its summary ("diverged",
     with the message), never "complete" from an earlier session."""
     from classicnets.train.loop import NonFiniteLossError
@@ -546,7 +620,7 @@ def _record_divergence(run: RunDir, exc: Exception) -> None:
     run.write_summary(summary)
 
 
-def _remove_if_empty(run: RunDir) -> None:
+def remove_if_empty(run: RunDir) -> None:
     """A run that failed before logging anything (bad data path, ...) leaves no folder behind."""
     if run.metrics_path.exists() or run.checkpoints.exists():
         return
@@ -596,7 +670,7 @@ def resume_experiment(run_dir: str | Path, device: str | None = None) -> dict[st
             try:
                 summary = run_lifecycle(experiment, config, run, ctx.device, True, jobs)
             except Exception as exc:
-                _record_divergence(run, exc)
+                record_divergence(run, exc)
                 raise
             finished = True
             return summary

@@ -6,6 +6,10 @@
 - ``classicnets.report.grid``: ``write_grid``, the image grids of every experiment.
 - ``classicnets.report.html``: ``write_report``, ``write_combined_report``, ``read_run``,
   ``format_metric``, ``ReportError`` (standard library only).
+- ``classicnets.report.compare``: ``compare_runs`` and ``write_comparison``, runs of one
+  experiment side by side (a sweep's report, ``classicnets report --compare``).
+- ``classicnets.report.runs``: ``list_runs``, the table of ``classicnets runs``.
+- ``classicnets.report.tensorboard``: ``TensorBoardLog``, a run's TensorBoard event files.
 
 The plotting names are imported lazily, so ``from classicnets.report import write_report`` does
 not import matplotlib.

@@ -39,6 +39,10 @@ __all__ = [
     "RunRecord",
     "format_duration",
     "format_metric",
+    "key_value_table",
+    "metric_cell",
+    "page",
+    "plot_figure",
     "read_run",
     "write_combined_report",
     "write_report",
@@ -68,6 +72,7 @@ class RunRecord:
         skipped_lines: ``metrics.jsonl`` lines that were not JSON objects (e.g. the half-written
             last line of a run that is still going).
         plots: the PNG files in ``plots/``, sorted by name.
+        records: every record of ``metrics.jsonl`` that is a JSON object, in order.
     """
 
     run_dir: Path
@@ -76,6 +81,7 @@ class RunRecord:
     last_metrics: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     skipped_lines: int = 0
     plots: list[Path] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -207,6 +213,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunRecord:
             )
 
     last_metrics: dict[tuple[str, str], dict[str, Any]] = {}
+    records: list[dict[str, Any]] = []
     skipped = 0
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():
@@ -225,13 +232,14 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunRecord:
             if not isinstance(record, dict):
                 skipped += 1
                 continue
+            records.append(record)
             pair = (str(record.get("variant", "")), str(record.get("split", "")))
             fields_ = {k: v for k, v in record.items() if k not in _METRIC_ID_KEYS}
             last_metrics.setdefault(pair, {}).update(fields_)
 
     plots_dir = run_dir / "plots"
     plots = sorted(plots_dir.glob("*.png")) if plots_dir.is_dir() else []
-    return RunRecord(run_dir, config, summary, last_metrics, skipped, plots)
+    return RunRecord(run_dir, config, summary, last_metrics, skipped, plots, records)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +264,9 @@ section.run + section.run { margin-top: 2.5em; padding-top: 1em;
 .status-complete { background: #dcf2e0; color: #17642b; }
 .status-running { background: #dde9fa; color: #1f4f8f; }
 .status-stopped { background: #fbe3d6; color: #8a3a0d; }
+.status-diverged, .status-failed, .status-damaged { background: #f8dcdc; color: #8f1d1d; }
+td.best { font-weight: 700; background: #e6f4e8; }
+td.best::after { content: " \2605"; color: #17642b; }
 table { border-collapse: collapse; margin: 0.4em 0 1em; font-size: 0.93em; }
 th, td { border: 1px solid var(--line); padding: 0.25em 0.7em; text-align: left;
   vertical-align: top; }
@@ -282,8 +293,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _metric_cell(value: Any, key: str) -> str:
-    cls = ' class="num"' if _is_number(value) else ""
+def metric_cell(value: Any, key: str, css: str = "") -> str:
+    """One table cell of a metric, formatted by ``format_metric``: numbers right-aligned;
+    ``css`` adds classes (``"best"``: marked as the best of its column)."""
+    classes = " ".join(c for c in ("num" if _is_number(value) else "", css) if c)
+    cls = f' class="{_e(classes)}"' if classes else ""
     return f"<td{cls}>{_e(format_metric(value, key))}</td>"
 
 
@@ -302,7 +316,7 @@ def _metrics_table(first_header: str, rows: Mapping[str, Mapping[str, Any]]) -> 
     for name, row in rows.items():
         if not isinstance(row, Mapping):  # a variant given as a bare value
             row = {"value": row}
-        cells = "".join(_metric_cell(row[c], c) if c in row else "<td></td>" for c in columns)
+        cells = "".join(metric_cell(row[c], c) if c in row else "<td></td>" for c in columns)
         body.append(f"<tr><th>{_e(name)}</th>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -315,7 +329,7 @@ def _last_metrics_table(last: Mapping[tuple[str, str], Mapping[str, Any]]) -> st
     head = "".join(f"<th>{_e(c)}</th>" for c in ["variant", "split", *columns])
     body = []
     for (variant, split), row in last.items():
-        cells = "".join(_metric_cell(row[c], c) if c in row else "<td></td>" for c in columns)
+        cells = "".join(metric_cell(row[c], c) if c in row else "<td></td>" for c in columns)
         body.append(f"<tr><th>{_e(variant)}</th><td>{_e(split)}</td>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -327,14 +341,17 @@ def _config_value(value: Any) -> str:
     return f"<code>{_e(json.dumps(value, default=str))}</code>"
 
 
-def _key_value_table(items: Mapping[str, Any]) -> str:
+def key_value_table(items: Mapping[str, Any]) -> str:
+    """A table of ``items``, one row each: the key, then the value (strings as they are, others
+    as JSON)."""
     rows = "".join(
         f"<tr><th>{_e(k)}</th><td>{_config_value(v)}</td></tr>" for k, v in items.items()
     )
     return f"<table><tbody>{rows}</tbody></table>"
 
 
-def _plot_figure(path: Path) -> str:
+def plot_figure(path: Path) -> str:
+    """The PNG at ``path`` as a figure embedded in the page (a data URI), with its caption."""
     try:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
     except OSError as exc:
@@ -395,7 +412,7 @@ def _run_section(record: RunRecord, title: str, h: int, anchor: str | None = Non
         parts.append(_metrics_table("variant", variants))
     extra = {k: v for k, v in summary.items() if k not in _SUMMARY_KEYS}
     if extra:
-        rows = "".join(f"<tr><th>{_e(k)}</th>{_metric_cell(v, k)}</tr>" for k, v in extra.items())
+        rows = "".join(f"<tr><th>{_e(k)}</th>{metric_cell(v, k)}</tr>" for k, v in extra.items())
         parts.append(f"<table><tbody>{rows}</tbody></table>")
 
     notes = summary.get("notes")
@@ -416,7 +433,7 @@ def _run_section(record: RunRecord, title: str, h: int, anchor: str | None = Non
             )
 
     if record.plots:
-        figures = "".join(_plot_figure(p) for p in record.plots)
+        figures = "".join(plot_figure(p) for p in record.plots)
         parts.append(f'<h{sub}>Plots</h{sub}><div class="plots">{figures}</div>')
 
     resolved = config.get("config")
@@ -425,16 +442,17 @@ def _run_section(record: RunRecord, title: str, h: int, anchor: str | None = Non
     else:  # a config.json without the "config" wrapper: show the whole file
         resolved, other = config, {}
     parts.append(f"<h{sub}>Configuration</h{sub}>")
-    parts.append(_key_value_table(resolved) if resolved else '<p class="meta">(empty)</p>')
+    parts.append(key_value_table(resolved) if resolved else '<p class="meta">(empty)</p>')
     versions = {k: v for k, v in other.items() if k not in ("experiment", "created")}
     if versions:
         parts.append(f"<h{sub}>Versions</h{sub}>")
-        parts.append(_key_value_table(versions))
+        parts.append(key_value_table(versions))
     parts.append("</section>")
     return "\n".join(parts)
 
 
-def _page(title: str, body: str) -> str:
+def page(title: str, body: str) -> str:
+    """A whole self-contained HTML page: ``body`` (HTML) under ``title``, with the style."""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return (
         "<!DOCTYPE html>\n"
@@ -470,9 +488,9 @@ def write_report(
     body = _run_section(record, title, h=1)
     out = Path(out_path) if out_path is not None else record.run_dir / "report.html"
     if not out.resolve().is_relative_to(record.run_dir.resolve()):
-        return atomic_write_text(out, _page(title, body))
+        return atomic_write_text(out, page(title, body))
     with hold_folder(record.run_dir):  # one writer per run folder (re-entrant for the run itself)
-        return atomic_write_text(out, _page(title, body))
+        return atomic_write_text(out, page(title, body))
 
 
 def write_combined_report(
@@ -520,4 +538,4 @@ def write_combined_report(
         f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(overview)}</tbody></table>",
     ]
     body += [_run_section(r, r.title, h=2, anchor=f"run-{i}") for i, r in enumerate(records, 1)]
-    return atomic_write_text(Path(out_path), _page(title, "\n".join(body)))
+    return atomic_write_text(Path(out_path), page(title, "\n".join(body)))

@@ -4,8 +4,9 @@
 ``summary.json`` (status, each variant's metrics, wall time), and asks its lock whether a
 process holds it now (then the run is ``running``, whatever an earlier session's summary says).
 A folder is a run folder when it holds ``config.json``, ``metrics.jsonl``, ``run.lock`` or
-``checkpoints/``; one whose files cannot be read or make no sense is listed as ``damaged``,
-with what is wrong, and never stops the listing. Standard library only (no torch): it is quick
+``checkpoints/``; a sweep folder (``sweep.json``) is looked into, each of its points a line.
+One whose files cannot be read or make no sense is listed as ``damaged``, with what is wrong,
+and never stops the listing. Standard library only (no torch): it is quick
 on a folder of hundreds of runs.
 
 Statuses: ``running`` (a live lock), ``complete``, ``stopped`` (by a signal or ``stop_after``;
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from classicnets.files import LOCK_NAME, holder_pid
+from classicnets.files import LOCK_NAME, SWEEP_NAME, holder_pid
 from classicnets.report.html import ReportError, format_duration, format_metric
 
 __all__ = ["MAIN_METRICS", "RunEntry", "format_runs", "list_runs"]
@@ -77,13 +78,32 @@ def list_runs(root: str | os.PathLike) -> list[RunEntry]:
         raise ReportError(f"{root}: no such folder (runs are listed from a folder of runs)")
     if not root.is_dir():
         raise ReportError(f"{root}: a file, not a folder of runs")
-    folders = [root] if _is_run_folder(root) else sorted(p for p in root.iterdir() if p.is_dir())
+    if _is_run_folder(root) and not _is_sweep(root):
+        folders = [root]
+    else:
+        folders = []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            folders += _subfolders(folder) if _is_sweep(folder) else [folder]
+        if _is_sweep(root):
+            folders = _subfolders(root)
     entries = [_entry(f) for f in folders if _is_run_folder(f)]
     return sorted(entries, key=lambda e: (e.created, str(e.folder)))
 
 
 def _is_run_folder(path: Path) -> bool:
     return any((path / name).exists() for name in _MARKERS)
+
+
+def _is_sweep(path: Path) -> bool:
+    """A sweep folder (``classicnets sweep``): its points are run folders, listed each."""
+    return (path / SWEEP_NAME).is_file()
+
+
+def _subfolders(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir())
+    except OSError:
+        return []
 
 
 def _entry(folder: Path) -> RunEntry:

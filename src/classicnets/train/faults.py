@@ -19,12 +19,15 @@ __all__ = ["SignalGuard", "StopRequested"]
 class StopRequested(Exception):
     """Training stopped on a signal after writing a checkpoint."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str | None) -> None:
+    def __init__(
+        self, signal_name: str, step: int, checkpoint: str | None, resume_path: str | None = None
+    ) -> None:
         where = f"; checkpoint {checkpoint}" if checkpoint else ""
         super().__init__(f"stopped by {signal_name} at step {step}{where}")
         self.signal_name = signal_name
         self.step = step
         self.checkpoint = checkpoint
+        self.resume_path = resume_path  # what to resume, when not the checkpoint's run (a sweep)
         self.exit_code = 128 + getattr(signal, signal_name, signal.SIGTERM).value
 
 
