@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,20 @@ def wait_until(
             proc.kill()
             pytest.fail(f"the run is too slow to reach {what}")
         time.sleep(0.01)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting for its reaper has ended; Linux)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def wait_for_exit(pids: list[int], what: str, timeout: float = 120) -> None:
+    """Fail unless every process of ``pids`` ends within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"{what} outlived the run"
+        time.sleep(0.05)

@@ -26,7 +26,7 @@ from classicnets.experiments.common import ExperimentError, resolve_jobs
 from classicnets.train.jobs import WorkerSpec, run_workers
 from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.run import RunDir
-from processes import wait_until
+from processes import wait_for_exit, wait_until
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 EXPERIMENTS = ["bn-mlp", "conv-ae", "vae", "gan", "resnet-vs-mlp", "rnn-vs-lstm"]
@@ -162,15 +162,6 @@ def _worker_pid(run_dir: Path, variant: str) -> int:
     pytest.fail(f"no worker process of {variant}")
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie waiting for its reaper has ended)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status
-
-
 def _resume(run_dir, data_root):
     done = subprocess.run(
         [sys.executable, "-m", "classicnets", "resume", str(run_dir)],
@@ -216,10 +207,7 @@ def test_a_killed_run_stops_its_workers_and_resume_finishes(tmp_path, data_root,
     workers = [_worker_pid(run_dir, v) for v in ("plain", "bn")]
     proc.kill()  # SIGKILL: no chance to hand anything on; each worker gets SIGTERM from Linux
     proc.communicate(timeout=60)
-    deadline = time.monotonic() + 120
-    while any(_alive(pid) for pid in workers):
-        assert time.monotonic() < deadline, "a worker outlived its run"
-        time.sleep(0.05)
+    wait_for_exit(workers, "a worker")
     done = _steps(run_dir)
     assert 0 < done["plain"] < STEPS and 0 < done["bn"] < STEPS  # stopped, not trained on
     _resume(run_dir, data_root)

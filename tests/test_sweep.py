@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,7 @@ from classicnets.report.compare import better, compare_runs
 from classicnets.report.html import ReportError
 from classicnets.report.runs import list_runs
 from classicnets.train.run import RunDir, RunError
-from processes import wait_until
+from processes import wait_for_exit, wait_until
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STEPS = 300
@@ -64,13 +64,15 @@ def _set_threads(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, data_root) -> dict[str, Path]:
-    """Each point of GRID run alone, one variant after the other, on one thread."""
+    """Each point of GRID run alone (``classicnets run bn-mlp --quick``), one variant after the
+    other, on one thread."""
     base = tmp_path_factory.mktemp("sweep-references")
     before = _set_threads(1)
     try:
         return {
             name: run_experiment("bn-mlp", [*SETTINGS, "jobs=1", f"data_dir={data_root}",
-                                            f"lr_bn={lr}"], device="cpu", out=base / name)[0]
+                                            f"lr_bn={lr}"], quick=True, device="cpu",
+                                 out=base / name)[0]
             for name, lr in zip(POINTS, ("0.1", "0.5"))
         }  # fmt: skip
     finally:
@@ -137,8 +139,8 @@ def test_which_way_a_metric_is_better():
 def test_a_quick_sweep_finishes_with_the_records_of_single_runs(tmp_path, data_root, references):
     before = _set_threads(2)  # two workers of one thread, as the references' one thread
     try:
-        path, points = run_sweep("bn-mlp", GRID, [*SETTINGS, f"data_dir={data_root}"],
-                                 device="cpu", out=tmp_path / "sweep", jobs=2)  # fmt: skip
+        sets = [*SETTINGS, f"data_dir={data_root}"]
+        path, points = run_sweep("bn-mlp", GRID, sets, True, "cpu", tmp_path / "sweep", jobs=2)
     finally:
         torch.set_num_threads(before)
     assert [p["name"] for p in points] == POINTS
@@ -188,6 +190,18 @@ def test_a_diverging_point_is_recorded_and_the_others_finish(tmp_path, data_root
     assert RunDir(path / points[1]["name"]).read_summary()["status"] == "diverged"
 
 
+def test_a_gan_sweep_prepares_each_point_before_its_workers(tmp_path, data_root):
+    # The GAN's run trains its scoring classifier before its variants (Job's prepare): the
+    # sweep does that once per point in its own process, then the workers score with it.
+    sets = ["steps=40", "progress=false", f"data_dir={data_root}"]
+    path, points = run_sweep("gan", ["seed=0,1"], sets, quick=True, device="cpu",
+                             out=tmp_path / "sweep", jobs=2)  # fmt: skip
+    assert [p["status"] for p in points] == ["complete", "complete"]
+    for point in points:
+        assert (Path(point["folder"]) / "scorer").is_dir()
+        assert all(v["test_frechet_distance"] > 0 for v in point["variants"].values())
+
+
 # --------------------------------------------------------------------------- stops
 
 
@@ -200,8 +214,8 @@ def _start(path: Path, data_root) -> subprocess.Popen:
     sets = [x for s in SETTINGS for x in ("--set", s)]
     grid = [x for g in GRID for x in ("--grid", g)]
     return subprocess.Popen(
-        [sys.executable, "-m", "classicnets", "sweep", "bn-mlp", *grid, *sets, "--device",
-         "cpu", "--jobs", "2", "--out", str(path)],
+        [sys.executable, "-m", "classicnets", "sweep", "bn-mlp", "--quick", *grid, *sets,
+         "--device", "cpu", "--jobs", "2", "--out", str(path)],
         env=_env(data_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -237,13 +251,6 @@ def _workers_of(path: Path) -> list[int]:
     return pids
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-
-
 def _resume(path: Path, data_root) -> str:
     done = subprocess.run([sys.executable, "-m", "classicnets", "resume", str(path)],
                           env=_env(data_root), capture_output=True, text=True)  # fmt: skip
@@ -259,10 +266,7 @@ def test_a_sigkilled_sweep_resumes_to_the_records_of_single_runs(tmp_path, data_
     assert len(workers) == 2
     proc.kill()  # SIGKILL: each worker gets SIGTERM from Linux, checkpoints and stops
     proc.communicate(timeout=60)
-    deadline = time.monotonic() + 120
-    while any(_alive(pid) for pid in workers):
-        assert time.monotonic() < deadline, "a worker outlived its sweep"
-        time.sleep(0.05)
+    wait_for_exit(workers, "a worker")
     assert not (path / POINTS[0] / "summary.json").exists()
     assert not (path / POINTS[1] / "metrics.jsonl").exists()
     out = _resume(path, data_root)
@@ -328,6 +332,14 @@ def test_compare_report_of_runs(tmp_path, references, capsys):
     assert page.count("data:image/png;base64,") == 2
     with pytest.raises(ReportError, match="at least two run folders"):
         compare_runs([references[POINTS[0]]])
+    damaged = tmp_path / "damaged"  # records a reader cannot plot are left out, not a traceback
+    shutil.copytree(references[POINTS[1]], damaged)
+    with (damaged / "metrics.jsonl").open("a") as file:
+        file.write('{"variant": "bn", "split": "test", "step": "ten", "accuracy": 0.5}\n[1]\n')
+    curves = get_experiment("bn-mlp").plots
+    comparison = compare_runs([references[POINTS[0]], damaged], curves)
+    accuracy = {(o.split, o.key): o for o in comparison.overlays}[("test", "accuracy")]
+    assert all(xs == list(range(0, STEPS + 1, 50)) for xs, _ in accuracy.panels["bn"].values())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"experiment": "vae", "config": {}}))
     with pytest.raises(ReportError, match="runs of different experiments"):

@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_text",
     "hold_folder",
     "holder_pid",
+    "read_json_object",
     "remove_stale_temporaries",
 ]
 
@@ -74,6 +75,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """``atomic_write_bytes`` of ``text`` encoded as UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception]) -> dict:
+    """The JSON object in file ``path``; ``error`` with a one-line message naming the file when
+    it is missing, unreadable, not JSON (or nested past the parser's depth) or not an object."""
+    import json
+
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{path}: cannot read: {exc}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

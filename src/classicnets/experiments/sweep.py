@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -52,7 +53,13 @@ from classicnets.experiments.common import (
     variant_worker,
 )
 from classicnets.experiments.config import ConfigError, apply_overrides, config_to_dict
-from classicnets.files import LOCK_NAME, SWEEP_NAME, atomic_write_text, hold_folder
+from classicnets.files import (
+    LOCK_NAME,
+    SWEEP_NAME,
+    atomic_write_text,
+    hold_folder,
+    read_json_object,
+)
 from classicnets.train.run import RunDir, RunError, new_run_dir
 
 __all__ = [
@@ -212,15 +219,18 @@ def run_sweep(
 
     experiment = get_experiment(name)
     sets = list(overrides or [])
-    points = plan_points(experiment, parse_grid(grid), sets, quick)
+    parsed = parse_grid(grid)
+    points = plan_points(experiment, parsed, sets, quick)
     if jobs < 0:
         raise ExperimentError(f"--jobs {jobs}: expected 0 (automatic) or more")
     device = resolve_device(device)
     if get_context().enabled or _under_torchrun():
         raise ExperimentError("a sweep runs its points as worker processes; not under torchrun")
+    if os.name != "posix":  # the workers are stopped together through POSIX process groups
+        raise ExperimentError("sweeps need POSIX process groups (Linux, macOS); run each point")
     tensorboard_of(points[0].config)  # tensorboard=true without the package: before any file
     with new_run_dir(out, f"sweep-{name}") as path:
-        sweep = Sweep(path, name, parse_grid(grid), sets, quick, device, jobs, points)
+        sweep = Sweep(path, name, parsed, sets, quick, device, jobs, points)
         atomic_write_text(path / SWEEP_FILE, json.dumps(sweep.record(), indent=2))
         _make_point_folders(sweep)
         try:
@@ -245,8 +255,6 @@ def resume_sweep(path: str | Path, device: str | None = None) -> list[dict[str, 
 
 
 def _under_torchrun() -> bool:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -383,18 +391,15 @@ def read_sweep(path: str | Path) -> Sweep:
     file = path / SWEEP_FILE
     if not path.is_dir():
         raise RunError(f"sweep folder {path} does not exist")
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path} is not a sweep folder: {file} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise RunError(f"{file}: cannot read: {exc}") from None
+    if not file.exists():
+        raise RunError(f"{path} is not a sweep folder: {file} is missing")
+    record = read_json_object(file, RunError)
 
     def bad(what: str) -> RunError:
         return RunError(f"{file}: {what}; the file was not written by classicnets sweep")
 
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise bad(f"expected a JSON object with format {FORMAT}")
+    if record.get("format") != FORMAT:
+        raise bad(f"expected format {FORMAT}")
     experiment, sets = record.get("experiment"), record.get("sets")
     quick, device, jobs = record.get("quick"), record.get("device"), record.get("jobs")
     grid = record.get("grid")

@@ -238,7 +238,8 @@ def _overlays(runs: list[ComparedRun], curves: Sequence[Curve]) -> list[Overlay]
                         continue
                     if not math.isfinite(value) or not _is_number(r.get(curve.x)):
                         continue
-                    if r.get("step", 0) < curve.from_step:
+                    step = r.get("step", 0)
+                    if not _is_number(step) or step < curve.from_step:  # a damaged record
                         continue
                     lines = overlay.panels.setdefault(str(r.get("variant", "")), {})
                     xs, ys = lines.setdefault(run.label, ([], []))

@@ -18,14 +18,13 @@ last checkpoint, if it has one), ``damaged``.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from classicnets.files import LOCK_NAME, SWEEP_NAME, holder_pid
+from classicnets.files import LOCK_NAME, SWEEP_NAME, holder_pid, read_json_object
 from classicnets.report.html import ReportError, format_duration, format_metric
 
 __all__ = ["MAIN_METRICS", "RunEntry", "format_runs", "list_runs"]
@@ -136,15 +135,7 @@ def _entry(folder: Path) -> RunEntry:
 
 
 def _read_object(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ReportError(f"{path}: cannot read: {exc}") from None
-    if not isinstance(value, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_object(path, ReportError)
 
 
 def _main_metric(fields: Any) -> tuple[str, float] | None:
