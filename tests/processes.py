@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -40,3 +41,13 @@ def wait_for_exit(pids: list[int], what: str, timeout: float = 120) -> None:
     while any(alive(pid) for pid in pids):
         assert time.monotonic() < deadline, f"{what} outlived the run"
         time.sleep(0.05)
+
+
+def stop_with_sigterm(proc: subprocess.Popen, resume: Path) -> str:
+    """Send ``proc`` SIGTERM; check that it stops with exit code 128 + SIGTERM and names
+    ``classicnets resume RESUME``, the command that continues it. Its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"continue with: classicnets resume {resume}\n" in err
+    return err

@@ -26,7 +26,7 @@ from classicnets.experiments.common import ExperimentError, resolve_jobs
 from classicnets.train.jobs import WorkerSpec, run_workers
 from classicnets.train.loop import NonFiniteLossError
 from classicnets.train.run import RunDir
-from processes import wait_for_exit, wait_until
+from processes import stop_with_sigterm, wait_for_exit, wait_until
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 EXPERIMENTS = ["bn-mlp", "conv-ae", "vae", "gan", "resnet-vs-mlp", "rnn-vs-lstm"]
@@ -189,11 +189,7 @@ def test_a_killed_worker_is_resumed_to_the_same_records(tmp_path, data_root, ref
 
 def test_sigterm_reaches_every_worker_and_resume_finishes(tmp_path, data_root, reference):
     run_dir = tmp_path / "run"
-    proc = _start_both_to_step_50(run_dir, data_root)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert f"continue with: classicnets resume {run_dir}" in err
+    stop_with_sigterm(_start_both_to_step_50(run_dir, data_root), run_dir)
     done = _steps(run_dir)
     assert 0 < done["plain"] < STEPS and 0 < done["bn"] < STEPS  # both stopped, not finished
     _resume(run_dir, data_root)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from classicnets.report.compare import better, compare_runs
 from classicnets.report.html import ReportError
 from classicnets.report.runs import list_runs
 from classicnets.train.run import RunDir, RunError
-from processes import wait_for_exit, wait_until
+from processes import stop_with_sigterm, wait_for_exit, wait_until
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STEPS = 300
@@ -281,11 +280,7 @@ def test_a_sigkilled_sweep_resumes_to_the_records_of_single_runs(tmp_path, data_
 
 def test_sigterm_stops_a_sweep_and_names_the_sweep_to_resume(tmp_path, data_root, references):
     path = tmp_path / "sweep"
-    proc = _first_point_at_step_50(path, data_root)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert f"continue with: classicnets resume {path}\n" in err
+    stop_with_sigterm(_first_point_at_step_50(path, data_root), path)  # not its point: the sweep
     _resume(path, data_root)
     for name in POINTS:
         assert _records(path / name) == _records(references[name]), name
