@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -245,7 +246,7 @@ def _workers_of(path: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().decode().split("\0")
         except (OSError, ValueError):
             continue
-        if "classicnets.experiments.worker" in argv and any(str(path) in a for a in argv):
+        if "classicnets.experiments.worker" in argv and any(a.startswith(str(path)) for a in argv):
             pids.append(int(entry.name))
     return pids
 
@@ -276,6 +277,30 @@ def test_a_sigkilled_sweep_resumes_to_the_records_of_single_runs(tmp_path, data_
     page = (path / "report.html").read_text()
     assert "2 of 2 points complete" in page
     assert all(f">{label}</a>" in page for label in ("lr_bn=0.1", "lr_bn=0.5"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds workers in /proc")
+def test_a_killed_worker_leaves_the_other_points_finishing(tmp_path, data_root, references):
+    path = tmp_path / "sweep"
+    proc = _first_point_at_step_50(path, data_root)
+    point = path / POINTS[0]
+    bn = [pid for pid in _workers_of(point) if "bn" in _argv(pid)]
+    assert len(bn) == 1
+    os.kill(bn[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1, err
+    line = err.strip().splitlines()[-1]
+    assert f"point {POINTS[0]}, variant 'bn': its worker was killed by SIGKILL" in line
+    assert f"(resume with: classicnets resume {path})" in line
+    assert RunDir(path / POINTS[1]).read_summary()["status"] == "complete"  # it went on
+    assert not (point / "summary.json").exists()
+    _resume(path, data_root)
+    for name in POINTS:
+        assert _records(path / name) == _records(references[name]), name
+
+
+def _argv(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
 def test_sigterm_stops_a_sweep_and_names_the_sweep_to_resume(tmp_path, data_root, references):

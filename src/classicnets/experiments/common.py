@@ -374,9 +374,17 @@ class VariantOutcomes:
                 sorted_.failed.append(f"variant {outcome.name!r}: its worker {outcome.describe()}")
         return sorted_
 
+    @property
+    def unfinished(self) -> list[str]:
+        """A line for each variant that failed or was not started."""
+        started = [f"variant {n!r}: its worker was not started (the run was stopped first)"
+                   for n in self.not_started]  # fmt: skip
+        return self.failed + started
+
     def raise_first(self, resume_path: Path) -> None:
         """Raise the first stop (``StopRequested``), divergence (``NonFiniteLossError``) or
-        failure (``WorkerFailed``, naming ``classicnets resume resume_path``), in that order."""
+        failure (``WorkerFailed``, naming ``classicnets resume resume_path``; a variant never
+        started counts as one), in that order."""
         from classicnets.train.faults import StopRequested
         from classicnets.train.jobs import WorkerFailed
         from classicnets.train.loop import NonFiniteLossError
@@ -386,9 +394,9 @@ class VariantOutcomes:
             raise StopRequested(first["signal"], first["step"], first["checkpoint"])
         if self.diverged:
             raise NonFiniteLossError(self.diverged[0]["message"], self.diverged[0]["step"])
-        if self.failed:
-            raise WorkerFailed(f"{'; '.join(self.failed)} (resume with: classicnets resume "
-                               f"{resume_path})")  # fmt: skip
+        if self.unfinished:
+            raise WorkerFailed(f"{'; '.join(self.unfinished)} (resume with: classicnets "
+                               f"resume {resume_path})")  # fmt: skip
 
 
 def _train_in_workers(job: Job, variants: list[str]) -> dict[str, dict]:

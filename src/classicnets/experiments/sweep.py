@@ -327,8 +327,8 @@ def _train(sweep: Sweep, resume: bool) -> None:
             mine = [dataclasses.replace(o, name=variant)
                     for (p, variant), o in zip(jobs, outcomes) if p is point]  # fmt: skip
             found = VariantOutcomes.of(mine)
-            if found.stopped or found.failed or found.not_started:
-                unfinished.append(found)
+            if found.stopped or found.unfinished:
+                unfinished.append((point, found))
                 continue
             _finish(experiment, sweep, point, found, _span(mine), resume)
     write_sweep_report(sweep.path)
@@ -336,19 +336,18 @@ def _train(sweep: Sweep, resume: bool) -> None:
         _raise_first(unfinished, sweep.path)
 
 
-def _raise_first(unfinished: list[VariantOutcomes], path: Path) -> None:
+def _raise_first(unfinished: list[tuple[Point, VariantOutcomes]], path: Path) -> None:
     """The first stop of the unfinished points (``StopRequested``, naming the sweep to
-    resume), else their failures (``WorkerFailed``)."""
+    resume), else their failures (``WorkerFailed``, a line per variant naming its point)."""
     from classicnets.train.faults import StopRequested
     from classicnets.train.jobs import WorkerFailed
 
-    stops = [stop for found in unfinished for stop in found.stopped]
+    stops = [stop for _, found in unfinished for stop in found.stopped]
     if stops:
         raise StopRequested(stops[0]["signal"], stops[0]["step"], stops[0]["checkpoint"],
                             resume_path=str(path))  # fmt: skip
-    failed = [line for found in unfinished for line in found.failed]
-    if not failed:  # a signal came while no worker ran: the rest were not started
-        failed = [f"{len(unfinished)} point(s) not started, the sweep was stopped first"]
+    failed = [f"point {point.name}, {line}" for point, found in unfinished
+              for line in found.unfinished]  # fmt: skip
     raise WorkerFailed(f"{'; '.join(failed)} (resume with: classicnets resume {path})")
 
 
