@@ -58,7 +58,7 @@ def test_overrides_parse_each_type():
         ("lr=fast", "expected a number"),
         ("flag=maybe", "expected a boolean"),
         ("widths=1,x", "expected an integer"),
-        ("limit=many", "expected int or none"),
+        ("limit=many", "expected an integer or none"),
         ("steps=0", "steps=0: expected a finite number >= 1"),
     ],
 )
@@ -173,7 +173,7 @@ def test_range_describes_itself():
         ({"steps": "10"}, 'steps="10": expected an integer'),
         ({"steps": True}, "steps=true: expected an integer"),
         ({"lr": "fast"}, 'lr="fast": expected a number'),
-        ({"widths": 5}, "widths=5: expected a list of an integer"),
+        ({"widths": 5}, "widths=5: expected a list of integers"),
         ({"flag": 1}, "flag=1: expected true or false"),
         ({"limit": 0}, "limit=0: expected a finite number >= 1"),
         ({"steps": 0}, "steps=0: expected a finite number >= 1"),

@@ -188,7 +188,7 @@ CASES: dict[str, Case] = {
     ),
     "mlp_step=maybe": Case([*RUN, "--set", "mlp_step=maybe"], "mlp_step='maybe': expected a"),
     "tensorboard=maybe": Case(
-        [*RUN, "--set", "tensorboard=maybe"], "tensorboard='maybe': expected bool or none"
+        [*RUN, "--set", "tensorboard=maybe"], "tensorboard='maybe': expected true or false or none"
     ),
     "runs of a missing folder": Case(["runs", "{work}/nothing"], "nothing: no such folder"),
     "runs of a file": Case(

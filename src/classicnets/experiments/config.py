@@ -63,7 +63,7 @@ def parse_value(text: str, tp, key: str = "value") -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(
-            f"{key}={text!r}: expected {' or '.join(_describe(o) for o in options)}"
+            f"{key}={text!r}: expected {' or '.join(_describe_type(o) for o in options)}"
             + (" or none" if type(None) in args else "")
         )
     if origin is typing.Literal:
@@ -355,7 +355,9 @@ def _describe_type(tp) -> str:
             "null" if a is type(None) else _describe_type(a) for a in typing.get_args(tp)
         )
     if origin in (tuple, list):
-        return f"a list of {_describe_type(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        return f"a list of {plural.get(item) or _describe_type(item)}"
     if origin is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
