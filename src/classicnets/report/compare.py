@@ -35,6 +35,7 @@ from classicnets.report.html import (
     ReportError,
     RunRecord,
     format_metric,
+    is_number,
     key_value_table,
     metric_cell,
     page,
@@ -104,7 +105,7 @@ class ComparedRun:
     @property
     def wall_time_s(self) -> float | None:
         wall = (self.record.summary or {}).get("wall_time_s")
-        return float(wall) if _is_number(wall) else None
+        return float(wall) if is_number(wall) else None
 
 
 @dataclass
@@ -183,17 +184,13 @@ def _short(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _final_metrics(record: RunRecord) -> dict[str, dict[str, float]]:
     variants = (record.summary or {}).get("variants")
     out: dict[str, dict[str, float]] = {}
     for variant, row in (variants if isinstance(variants, dict) else {}).items():
         if isinstance(row, dict):
             out[str(variant)] = {k: v for k, v in row.items()
-                                 if _is_number(v) and k not in _NOT_COMPARED}  # fmt: skip
+                                 if is_number(v) and k not in _NOT_COMPARED}  # fmt: skip
     return out
 
 
@@ -234,12 +231,12 @@ def _overlays(runs: list[ComparedRun], curves: Sequence[Curve]) -> list[Overlay]
             for run in runs:
                 for r in run.record.records:
                     value = r.get(key)
-                    if r.get("split") != curve.split or not _is_number(value):
+                    if r.get("split") != curve.split or not is_number(value):
                         continue
-                    if not math.isfinite(value) or not _is_number(r.get(curve.x)):
+                    if not math.isfinite(value) or not is_number(r.get(curve.x)):
                         continue
                     step = r.get("step", 0)
-                    if not _is_number(step) or step < curve.from_step:  # a damaged record
+                    if not is_number(step) or step < curve.from_step:  # a damaged record
                         continue
                     lines = overlay.panels.setdefault(str(r.get("variant", "")), {})
                     xs, ys = lines.setdefault(run.label, ([], []))

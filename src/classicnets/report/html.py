@@ -39,6 +39,7 @@ __all__ = [
     "RunRecord",
     "format_duration",
     "format_metric",
+    "is_number",
     "key_value_table",
     "metric_cell",
     "page",
@@ -289,14 +290,18 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value: Any, finite: bool = False) -> bool:
+    """Whether ``value`` is an int or float and not a bool (JSON's true is no metric), and
+    with ``finite`` also not NaN or infinite."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return not finite or math.isfinite(value)
 
 
 def metric_cell(value: Any, key: str, css: str = "") -> str:
     """One table cell of a metric, formatted by ``format_metric``: numbers right-aligned;
     ``css`` adds classes (``"best"``: marked as the best of its column)."""
-    classes = " ".join(c for c in ("num" if _is_number(value) else "", css) if c)
+    classes = " ".join(c for c in ("num" if is_number(value) else "", css) if c)
     cls = f' class="{_e(classes)}"' if classes else ""
     return f"<td{cls}>{_e(format_metric(value, key))}</td>"
 

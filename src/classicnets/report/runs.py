@@ -18,14 +18,13 @@ last checkpoint, if it has one), ``damaged``.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from classicnets.files import LOCK_NAME, SWEEP_NAME, holder_pid, read_json_object
-from classicnets.report.html import ReportError, format_duration, format_metric
+from classicnets.report.html import ReportError, format_duration, format_metric, is_number
 
 __all__ = ["MAIN_METRICS", "RunEntry", "format_runs", "list_runs"]
 
@@ -123,7 +122,7 @@ def _entry(folder: Path) -> RunEntry:
     if summary is not None:
         entry.status = str(summary.get("status", "failed"))
         wall = summary.get("wall_time_s")
-        entry.wall_time_s = float(wall) if _is_number(wall) else None
+        entry.wall_time_s = float(wall) if is_number(wall, finite=True) else None
         variants = summary.get("variants")
         for variant, fields in (variants if isinstance(variants, dict) else {}).items():
             found = _main_metric(fields)
@@ -142,13 +141,9 @@ def _main_metric(fields: Any) -> tuple[str, float] | None:
     if not isinstance(fields, dict):
         return None
     for name in MAIN_METRICS:
-        if _is_number(fields.get(name)):
+        if is_number(fields.get(name), finite=True):
             return name, float(fields[name])
     return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _modified(folder: Path) -> str:
