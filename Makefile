@@ -30,3 +30,4 @@ bench:
 	CLASSICNETS_DATA=$(DATA) $(PYTHON) benchmarks/bn_layer.py
 	CLASSICNETS_DATA=$(DATA) $(PYTHON) benchmarks/mnist_mlp.py
 	CLASSICNETS_DATA=$(DATA) $(PYTHON) benchmarks/experiment_wall.py
+	CLASSICNETS_DATA=$(DATA) $(PYTHON) benchmarks/sweep_wall.py
