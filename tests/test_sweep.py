@@ -190,16 +190,32 @@ def test_a_diverging_point_is_recorded_and_the_others_finish(tmp_path, data_root
     assert RunDir(path / points[1]["name"]).read_summary()["status"] == "diverged"
 
 
-def test_a_gan_sweep_prepares_each_point_before_its_workers(tmp_path, data_root):
-    # The GAN's run trains its scoring classifier before its variants (Job's prepare): the
-    # sweep does that once per point in its own process, then the workers score with it.
-    sets = ["steps=40", "progress=false", f"data_dir={data_root}"]
-    path, points = run_sweep("gan", ["seed=0,1"], sets, quick=True, device="cpu",
+SMALL = {"conv-ae": ["train_limit=640"], "vae": ["train_limit=1280"], "gan": ["steps=40"]}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_a_point_finishes_as_its_run_does(name, tmp_path, data_root):
+    # What a run does after its variants train, a point does too, though its variants trained
+    # in the sweep's workers: conv-ae's and vae's grids from their final checkpoints, the
+    # scores (vae's after training, the GAN's scorer prepared first), every summary field.
+    sets = [*SMALL[name], "progress=false", f"data_dir={data_root}"]
+    path, points = run_sweep(name, ["seed=0,1"], sets, quick=True, device="cpu",
                              out=tmp_path / "sweep", jobs=2)  # fmt: skip
     assert [p["status"] for p in points] == ["complete", "complete"]
-    for point in points:
-        assert (Path(point["folder"]) / "scorer").is_dir()
-        assert all(v["test_frechet_distance"] > 0 for v in point["variants"].values())
+    run, _ = run_experiment(name, [*sets, "seed=0", "jobs=1"], quick=True, device="cpu",
+                            out=tmp_path / "run")  # fmt: skip
+    point = Path(points[0]["folder"])
+
+    def shape(folder: Path) -> tuple:  # which fields are set, which plots were drawn
+        summary = RunDir(folder).read_summary()
+        fields = {k: v is None for k, v in summary.items() if k != "variants"}
+        rows = {v: {k: x is None for k, x in row.items()} for v, row in summary["variants"].items()}
+        return fields, rows, sorted(p.name for p in (folder / "plots").rglob("*"))
+
+    assert shape(point) == shape(run)
+    for grid in (point / "plots").rglob("*.json"):  # the image grids: every variant's rows
+        twin = run / grid.relative_to(point)
+        assert json.loads(grid.read_text()) == json.loads(twin.read_text()), grid.name
 
 
 # --------------------------------------------------------------------------- stops

@@ -226,22 +226,21 @@ class Job:
         (``WorkerFailed``) is raised, in that order.
 
         With ``prepare_only``, ``prepare()`` runs and ``VariantsPrepared`` is raised; with
-        ``trained``, its results are returned and nothing trains.
+        ``trained``, ``prepare()`` runs (what the rest of ``run`` scores with) and the results
+        are returned: nothing trains.
         """
         import torch
 
         if self.variant is not None:  # inside a worker: this variant only, and no more of run
             torch.manual_seed(seed)
             raise VariantTrained(train_one(self.variant))
+        if prepare is not None and (self.prepare_only or self.trained_elsewhere(variants)):
+            prepare()
         if self.prepare_only:
-            if prepare is not None:
-                prepare()
             raise VariantsPrepared()
         if self.trained is not None:
             return {v: self.trained[v] for v in variants if v in self.trained}
-        if self.jobs > 1 and len(variants) > 1:
-            if prepare is not None:
-                prepare()
+        if self.trained_elsewhere(variants):
             return _train_in_workers(self, list(variants))
         results: dict[str, dict] = {}
         for variant in variants:
@@ -251,6 +250,12 @@ class Job:
             if status == "stopped":
                 break
         return results
+
+    def trained_elsewhere(self, variants) -> bool:
+        """Whether ``train_variants`` has ``variants`` trained in other processes (its workers,
+        or a sweep's): then ``train_one`` never runs here, and the trained models are in their
+        final checkpoints."""
+        return self.trained is not None or (self.jobs > 1 and len(variants) > 1)
 
 
 class VariantsPrepared(Exception):  # not an error: how a sweep's first pass leaves ``run``

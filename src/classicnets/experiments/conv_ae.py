@@ -130,7 +130,7 @@ def run(config: ConvAEConfig, job: Job) -> dict:
     summary = _summary(config, results, job.device, steps)
     if not run_dir.writer:  # rank > 0 of a torchrun job
         return summary
-    if not models and job.jobs > 1:  # trained in worker processes: their final checkpoints
+    if not models and job.trained_elsewhere(config.variants):  # from their final checkpoints
         models = {v: t.model for v, t in load_models(config, run_dir, job.device).items()}
     x = data.test_x[: config.grid_images]
     reconstruction_grid(

@@ -205,7 +205,7 @@ def run(config: VAEConfig, job: Job) -> dict:
         return {**result, "parameters": sum(p.numel() for p in model.parameters())}
 
     results = job.train_variants(config.variants, config.seed, train)
-    if not models and job.jobs > 1:  # trained in worker processes: their final checkpoints
+    if not models and job.trained_elsewhere(config.variants):  # from their final checkpoints
         done = [v for v, r in results.items() if r["complete"]]
         models = {v: t.model for v, t in load_models(config, run_dir, device).items() if v in done}
     complete = len(models) == len(config.variants)
