@@ -288,6 +288,7 @@ CASES: dict[str, Case] = {
     "sweep of an unknown experiment": Case(
         ["sweep", "bn-cnn", "--grid", "lr=1,2"], "unknown experiment 'bn-cnn'"
     ),
+    "sweep --device tpu": Case([*SWEEP[:-2], "--grid", "lr_bn=1,2", "--device", "tpu"], "tpu"),
     "sweep under torchrun": Case(
         [*SWEEP, "--grid", "lr_bn=1,2"], "not under torchrun", env={"WORLD_SIZE": "2"}
     ),

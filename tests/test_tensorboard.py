@@ -94,6 +94,13 @@ def test_image_grids_are_images_once(tmp_path, sets):
     written = json.loads((run_dir / "tensorboard" / "images.json").read_text())
     assert written == ["reconstructions.png"]
     assert _events(run_dir, "reconstructions").Tags()["images"] == ["grid/reconstructions"]
+    from classicnets.report.tensorboard import TensorBoardLog
+
+    board = TensorBoardLog(run_dir)
+    assert board.grids(run_dir / "plots") == []  # written once: not again
+    (run_dir / "tensorboard" / "images.json").write_text('{"not": "a list"}')
+    assert board.grids(run_dir / "plots") == ["reconstructions.png"]  # damaged: written again
+    board.close()
 
 
 def test_off_when_asked_and_an_error_without_the_package(tmp_path, sets, monkeypatch):

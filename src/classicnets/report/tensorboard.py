@@ -98,7 +98,7 @@ class TensorBoardLog:
         from PIL import Image
 
         done_path = self.root / "images.json"
-        done = set(json.loads(done_path.read_text())) if done_path.exists() else set()
+        done = _names(done_path)
         written = []
         for png in sorted(plots.rglob("*.png")):
             meta = png.with_suffix(".json")
@@ -128,3 +128,13 @@ class TensorBoardLog:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def _names(path: Path) -> set[str]:
+    """The grids ``images.json`` says were written; a missing or damaged file says none (they
+    are written again, which TensorBoard shows as one more step of each image)."""
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
